@@ -1,0 +1,1 @@
+"""Utilities: train/test loops, accuracy, Grad-CAM, misclassified images, metric plots."""
