@@ -59,6 +59,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # Python 3 writes an array's bytes at protocol 2 as encode(str, "latin1")
     }
 
     def find_class(self, module: str, name: str):
@@ -66,7 +67,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a CIFAR-10 batch")
         if name == "_reconstruct":
             return _reconstruct
+        if name == "encode":
+            return _latin1_encode
         return getattr(np, name)
+
+
+def _latin1_encode(text: str, encoding: str) -> bytes:
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"only latin1 encode is allowed in a CIFAR-10 batch, got {encoding!r}")
+    return text.encode("latin1")
 
 
 def _unpickle(path: Path) -> dict:
@@ -134,12 +143,15 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download_cifar10(root: str | os.PathLike, url: str = URL, md5: str = ARCHIVE_MD5) -> Path:
+def download_cifar10(root: str | os.PathLike, url: str | None = None, md5: str | None = None) -> Path:
     """Fetch the official archive into `root`, check its md5 and unpack `cifar-10-batches-py`.
 
     Nothing is left half-written: the archive and the unpacked folder live in a temporary folder
     inside `root` until the folder is complete, then the folder is renamed into place.
+    `url` and `md5` default to the official archive's (read at call time, so tests can point
+    the module's URL at a local server).
     """
+    url, md5 = url or URL, md5 or ARCHIVE_MD5
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".cifar10-download-") as tmp:

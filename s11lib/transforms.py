@@ -135,6 +135,7 @@ class TrainTransform:
 
     def sample(self, images: torch.Tensor, generator: torch.Generator | None = None) -> AugmentParams:
         """Draw fresh parameters for every image of the batch, on the batch's device."""
+        _check_batch(images)
         n, _, h, w = images.shape
         dev = images.device
         offsets = torch.randint(0, 2 * self.padding + 1, (n, 2), device=dev, generator=generator)

@@ -1,0 +1,93 @@
+"""Shared fixtures: where the CIFAR-10 data comes from, and tiny data sets in the standard layout.
+
+Set S11_CIFAR10_DIR to the folder that holds `cifar-10-batches-py/` (.ci/run points it at
+../shared/datasets/cifar10) and the data tests run on the real CIFAR-10. Unset, they run on a
+small synthetic set that `write_cifar_layout` writes in the same layout, and the header of the
+pytest run says so: nothing is skipped silently.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from s11lib.loaders import FOLDER
+
+ENV = "S11_CIFAR10_DIR"
+SYNTHETIC_TRAIN_PER_BATCH = 200  # x 5 batches = 1000 images, 100 per class
+SYNTHETIC_TEST = 200  # 20 per class
+
+
+def real_data_dir() -> Path | None:
+    value = os.environ.get(ENV)
+    if not value:
+        return None
+    path = Path(value)
+    if not (path / FOLDER).is_dir():
+        raise pytest.UsageError(f"{ENV}={value} does not hold {FOLDER}/")
+    return path
+
+
+def pytest_report_header(config):
+    path = real_data_dir()
+    if path:
+        return f"s11lib data: real CIFAR-10 from {path} ({ENV})"
+    return f"s11lib data: SYNTHETIC stand-in (set {ENV} to the folder holding {FOLDER}/ for the real data)"
+
+
+def synthetic_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """uint8 (N, 3, 32, 32) images whose class shows in colour and stripe direction, plus noise."""
+    n = len(labels)
+    yy, xx = np.mgrid[0:32, 0:32]
+    colours = np.array([[220, 40, 40], [40, 220, 40], [40, 40, 220], [220, 220, 40], [220, 40, 220],
+                        [40, 220, 220], [240, 140, 20], [120, 60, 20], [250, 250, 250], [90, 90, 90]], float)
+    angle = labels[:, None, None] * (np.pi / 10)
+    stripes = 0.5 + 0.5 * np.sign(np.sin((np.cos(angle) * xx + np.sin(angle) * yy) * 0.8))
+    images = colours[labels][:, :, None, None] * (0.4 + 0.6 * stripes[:, None])
+    images += rng.normal(0, 25, images.shape)
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+def write_batch(path: Path, data: np.ndarray, labels, batch_label: str = "batch") -> None:
+    """One batch file as the official ones are: a pickled dict with 'data' (N, 3072) uint8 and 'labels'."""
+    with open(path, "wb") as f:
+        pickle.dump({"batch_label": batch_label, "labels": [int(v) for v in labels],
+                     "data": data.reshape(len(data), -1), "filenames": [f"{i}.png" for i in range(len(data))]},
+                    f, protocol=2)
+
+
+def write_cifar_layout(root: Path, train_per_batch: int = SYNTHETIC_TRAIN_PER_BATCH,
+                       test_size: int = SYNTHETIC_TEST, seed: int = 0) -> Path:
+    """A complete `cifar-10-batches-py` folder of synthetic, learnable images under `root`."""
+    rng = np.random.default_rng(seed)
+    folder = root / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 6):
+        labels = rng.permutation(np.arange(train_per_batch) % 10)
+        write_batch(folder / f"data_batch_{i}", synthetic_images(labels, rng), labels, f"training batch {i} of 5")
+    labels = rng.permutation(np.arange(test_size) % 10)
+    write_batch(folder / "test_batch", synthetic_images(labels, rng), labels, "testing batch 1 of 1")
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"num_cases_per_batch": train_per_batch, "num_vis": 3072,
+                     "label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                     "ship", "truck"]}, f, protocol=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    return write_cifar_layout(tmp_path_factory.mktemp("synthetic-cifar10"))
+
+
+@pytest.fixture(scope="session")
+def data_dir(synthetic_dir) -> Path:
+    """The real CIFAR-10 when S11_CIFAR10_DIR is set, else the synthetic stand-in."""
+    return real_data_dir() or synthetic_dir
+
+
+@pytest.fixture(scope="session")
+def is_real_data() -> bool:
+    return real_data_dir() is not None

@@ -1,0 +1,153 @@
+"""Each batched augmentation against torchvision's functional op with the same sampled parameters,
+and the distributions of the sampled parameters."""
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from torchvision.transforms import InterpolationMode
+
+from s11lib.constants import MEAN, STD
+from s11lib.transforms import (AugmentParams, cutout, normalize, random_crop, rotate, test_transforms,
+                               train_transforms)
+
+
+@pytest.fixture
+def images():
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(16, 3, 32, 32, generator=g)
+
+
+@pytest.fixture
+def params(images):
+    return train_transforms().sample(images, torch.Generator().manual_seed(1))
+
+
+def reference(image, p: AugmentParams, i: int, padding=4, size=16):
+    """torchvision's functional ops, one image at a time, in the library's order."""
+    top, left = p.crop_offsets[i].tolist()
+    x = TF.crop(TF.pad(image, [padding]), top, left, 32, 32)
+    x = TF.rotate(x, float(p.angles[i]), interpolation=InterpolationMode.BILINEAR)
+    x = TF.normalize(x, MEAN, STD)
+    row, col = p.cutout_centers[i].tolist()
+    r0, c0 = max(0, row - size // 2), max(0, col - size // 2)
+    r1, c1 = min(32, row + size // 2), min(32, col + size // 2)
+    return TF.erase(x, r0, c0, r1 - r0, c1 - c0, torch.tensor(0.0))
+
+
+def test_random_crop_matches_torchvision(images, params):
+    out = random_crop(images, params.crop_offsets, 4)
+    for i, img in enumerate(images):
+        top, left = params.crop_offsets[i].tolist()
+        torch.testing.assert_close(out[i], TF.crop(TF.pad(img, [4]), top, left, 32, 32), atol=0, rtol=0)
+
+
+def test_crop_extremes_are_shifts_with_black_borders(images):
+    out = random_crop(images[:2], torch.tensor([[0, 0], [8, 8]]), 4)
+    assert (out[0, :, :4, :] == 0).all() and (out[0, :, :, :4] == 0).all()
+    torch.testing.assert_close(out[0, :, 4:, 4:], images[0, :, :28, :28])
+    torch.testing.assert_close(out[1, :, :28, :28], images[1, :, 4:, 4:])
+
+
+@pytest.mark.parametrize("angle", [-5.0, -2.5, 0.0, 1.7, 5.0, 30.0, 90.0])
+def test_rotate_matches_torchvision(images, angle):
+    angles = torch.full((len(images),), angle)
+    out = rotate(images, angles)
+    for i, img in enumerate(images):
+        ref = TF.rotate(img, angle, interpolation=InterpolationMode.BILINEAR)
+        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
+
+
+def test_rotate_uses_each_images_own_angle(images, params):
+    out = rotate(images, params.angles)
+    for i, img in enumerate(images):
+        ref = TF.rotate(img, float(params.angles[i]), interpolation=InterpolationMode.BILINEAR)
+        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
+
+
+def test_cutout_matches_torchvision_erase_including_clipped_boxes(images):
+    centers = torch.tensor([[0, 0], [31, 31], [16, 16], [3, 28], [8, 8]])
+    out = cutout(images[:5], centers, 16)
+    for i in range(5):
+        row, col = centers[i].tolist()
+        r0, c0, r1, c1 = max(0, row - 8), max(0, col - 8), min(32, row + 8), min(32, col + 8)
+        ref = TF.erase(images[i], r0, c0, r1 - r0, c1 - c0, torch.tensor(0.0))
+        torch.testing.assert_close(out[i], ref, atol=0, rtol=0)
+    assert (out[2] == 0).sum() == 3 * 16 * 16  # a hole fully inside is exactly 16x16
+
+
+def test_whole_train_transform_matches_the_torchvision_composition(images, params):
+    out = train_transforms().apply(images, params)
+    for i, img in enumerate(images):
+        torch.testing.assert_close(out[i], reference(img, params, i), atol=1e-5, rtol=0)
+
+
+def test_uint8_input_equals_float_input(images, params):
+    as_uint8 = (images * 255).round().to(torch.uint8)
+    tf = train_transforms()
+    torch.testing.assert_close(tf.apply(as_uint8, params), tf.apply(as_uint8.float() / 255, params))
+
+
+def test_every_image_gets_fresh_parameters():
+    same = torch.rand(1, 3, 32, 32).expand(64, 3, 32, 32).contiguous()
+    torch.manual_seed(3)
+    out = train_transforms()(same)
+    distinct = {tuple(o.flatten()[::97].tolist()) for o in out}
+    assert len(distinct) == 64
+    # ...and fresh draws on every call.
+    assert not torch.equal(train_transforms()(same), out)
+
+
+def test_test_transform_only_normalises(images):
+    out = test_transforms()(images)
+    torch.testing.assert_close(out, TF.normalize(images, MEAN, STD))
+    torch.testing.assert_close(normalize(images), out)
+
+
+def test_output_stays_on_device_and_dtype(images):
+    out = train_transforms()(images.double())
+    assert out.dtype == torch.float64 and out.device == images.device and out.shape == images.shape
+
+
+def test_bad_batches_are_one_line_errors():
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        train_transforms()(torch.rand(3, 32, 32))
+    with pytest.raises(TypeError, match="uint8 or floating-point"):
+        test_transforms()(torch.zeros(1, 3, 32, 32, dtype=torch.int32))
+
+
+# --- distributions of the sampled parameters -------------------------------------------------
+N = 90_000
+
+
+@pytest.fixture(scope="module")
+def many():
+    return train_transforms().sample(torch.empty(N, 3, 32, 32), torch.Generator().manual_seed(2024))
+
+
+def _uniform_counts_ok(values: torch.Tensor, k: int) -> None:
+    """Each of k outcomes appears N/k times within 5 binomial standard deviations."""
+    counts = torch.bincount(values, minlength=k).double()
+    assert len(counts) == k, f"values outside 0..{k - 1}"
+    expected = N / k
+    sd = (N * (1 / k) * (1 - 1 / k)) ** 0.5
+    assert ((counts - expected).abs() < 5 * sd).all(), counts.tolist()
+
+
+def test_crop_offsets_are_uniform_over_all_nine_positions(many):
+    for axis in range(2):
+        _uniform_counts_ok(many.crop_offsets[:, axis], 9)
+
+
+def test_angles_are_uniform_in_plus_minus_five_degrees(many):
+    a = many.angles
+    assert a.min() >= -5 and a.max() <= 5
+    assert a.min() < -4.99 and a.max() > 4.99  # the whole range is used
+    _uniform_counts_ok(((a + 5) / 10 * 10).long().clamp(max=9), 10)  # 10 bins of 1 degree
+    assert abs(a.mean()) < 0.05 and abs(a.var() - 100 / 12) < 0.15
+
+
+def test_cutout_centres_are_uniform_over_the_image(many):
+    for axis in range(2):
+        _uniform_counts_ok(many.cutout_centers[:, axis], 32)
+    # Rows and columns are drawn independently.
+    rows, cols = many.cutout_centers.double().T
+    assert abs(torch.corrcoef(torch.stack([rows, cols]))[0, 1]) < 0.02
