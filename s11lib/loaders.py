@@ -198,12 +198,15 @@ class DeviceLoader:
     Args:
         images: uint8 (N, 3, H, W).
         labels: int64 (N,).
-        batch_size: images per batch; the last batch may be smaller.
+        batch_size: images per batch; the last batch may be smaller, unless drop_last.
         transform: a batch callable (uint8 or [0, 1] float in, normalised float out).
         shuffle: a new random order every pass (torch's global generator on the device).
         device: where the data lives and the batches are made.
         indices: each image's index in the data set as loaded (default 0..N-1), kept so that
             results can be traced back to the file (misclassified.json).
+        drop_last: skip the last, smaller batch of each pass (training: a step on a handful of
+            images is a noisy step; with shuffling every image is still seen). Ignored when the
+            set is smaller than one batch.
     """
 
     def __init__(
@@ -215,6 +218,7 @@ class DeviceLoader:
         shuffle: bool = False,
         device: torch.device | str = "cpu",
         indices: torch.Tensor | None = None,
+        drop_last: bool = False,
     ):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -229,8 +233,11 @@ class DeviceLoader:
         self.batch_size = batch_size
         self.transform = transform
         self.shuffle = shuffle
+        self.drop_last = drop_last and len(images) >= batch_size
 
     def __len__(self) -> int:
+        if self.drop_last:
+            return len(self.images) // self.batch_size
         return -(-len(self.images) // self.batch_size)
 
     @property
@@ -240,7 +247,7 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.images)
         order = torch.randperm(n, device=self.device) if self.shuffle else None
-        for start in range(0, n, self.batch_size):
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
             if order is None:
                 sl = slice(start, start + self.batch_size)
                 x, y = self.images[sl], self.labels[sl]
@@ -288,7 +295,8 @@ def build_loaders(
         test_x, test_y = test_x[:test_subset], test_y[:test_subset]
     eval_batch_size = eval_batch_size or batch_size
     train_idx, val_idx = split_indices(len(train_x), val_size)
-    train = DeviceLoader(train_x[train_idx], train_y[train_idx], batch_size, train_transform, True, device, train_idx)
+    train = DeviceLoader(train_x[train_idx], train_y[train_idx], batch_size, train_transform, True, device, train_idx,
+                         drop_last=True)
     val = None
     if val_size:
         val = DeviceLoader(train_x[val_idx], train_y[val_idx], eval_batch_size, test_transform, False, device, val_idx)

@@ -168,7 +168,7 @@ def run(config: Config) -> RunResult:
                             warm_up if warmup_steps else None, config.progress)
         val, _ = evaluate(model, data.val, eval_loss_fn, device, amp_dtype) if data.val else (None, None)
         test, _ = evaluate(model, data.test, eval_loss_fn, device, amp_dtype)
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],  # the LR this epoch trained with
                "train_loss": round(train.loss, 6), "train_acc": round(train.accuracy, 4),
                "val_loss": round(val.loss, 6) if val else None, "val_acc": round(val.accuracy, 4) if val else None,
                "test_loss": round(test.loss, 6), "test_acc": round(test.accuracy, 4)}

@@ -39,14 +39,15 @@ def pytest_report_header(config):
 
 
 def synthetic_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """uint8 (N, 3, 32, 32) images whose class shows in colour and stripe direction, plus noise."""
+    """uint8 (N, 3, 32, 32) images whose class shows in its colour (and stripe direction), plus noise."""
     n = len(labels)
     yy, xx = np.mgrid[0:32, 0:32]
-    colours = np.array([[220, 40, 40], [40, 220, 40], [40, 40, 220], [220, 220, 40], [220, 40, 220],
-                        [40, 220, 220], [240, 140, 20], [120, 60, 20], [250, 250, 250], [90, 90, 90]], float)
+    # Ten hues round the colour wheel: a per-sample norm (LayerNorm) erases brightness, not hue.
+    from matplotlib.colors import hsv_to_rgb
+    colours = 255 * hsv_to_rgb(np.stack([np.arange(10) / 10, np.full(10, 0.9), np.full(10, 0.9)], 1))
     angle = labels[:, None, None] * (np.pi / 10)
     stripes = 0.5 + 0.5 * np.sign(np.sin((np.cos(angle) * xx + np.sin(angle) * yy) * 0.8))
-    images = colours[labels][:, :, None, None] * (0.4 + 0.6 * stripes[:, None])
+    images = colours[labels][:, :, None, None] * (0.6 + 0.4 * stripes[:, None])
     images += rng.normal(0, 25, images.shape)
     return np.clip(images, 0, 255).astype(np.uint8)
 

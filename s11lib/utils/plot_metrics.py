@@ -32,7 +32,7 @@ def plot_curves(rows: list[dict]) -> Figure:
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy per image")
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="%")
     ax_lr.plot(epochs, _series(rows, "lr"), "-o", ms=3, color="tab:purple")
-    ax_lr.set(title="Learning rate (end of epoch)", xlabel="epoch", yscale="log")
+    ax_lr.set(title="Learning rate the epoch trained with", xlabel="epoch", yscale="log")
     for ax in (ax_loss, ax_acc, ax_lr):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
