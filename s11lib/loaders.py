@@ -19,7 +19,6 @@ import hashlib
 import io
 import os
 import pickle
-import shutil
 import tarfile
 import tempfile
 import urllib.error
@@ -30,6 +29,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from s11lib.constants import IMAGE_SHAPE, NUM_CLASSES
 
@@ -157,8 +157,12 @@ def download_cifar10(root: str | os.PathLike, url: str | None = None, md5: str |
     with tempfile.TemporaryDirectory(dir=root, prefix=".cifar10-download-") as tmp:
         archive = Path(tmp) / "cifar-10-python.tar.gz"
         try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as f:
-                shutil.copyfileobj(response, f)
+            with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as f, \
+                    tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                         desc="downloading CIFAR-10") as bar:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    f.write(chunk)
+                    bar.update(len(chunk))
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise DatasetError(
