@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import os
 import random
 import sys
@@ -255,9 +256,10 @@ def _parse_value(text: str, annotation: str):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m s11lib.run", description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default,
-                            type=lambda t, a=str(f.type): _parse_value(t, a),
-                            help=f"default: {f.default}")
+        parse = functools.partial(_parse_value, annotation=str(f.type))
+        parse.__name__ = str(f.type)  # argparse names the type in its errors: "invalid int value"
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default, type=parse,
+                            help=f"{f.type}, default: {f.default}")
     args = parser.parse_args(argv)
     try:
         run(Config(**vars(args)))

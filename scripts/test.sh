@@ -4,5 +4,5 @@
 # unset, the data tests use a small synthetic set (the pytest header says which).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/setup-env.sh test
+S11_EXTRAS=test source scripts/setup-env.sh
 exec python -m pytest "$@"

@@ -5,6 +5,6 @@
 # The executed notebook is written to runs/train.ipynb, the run's files to runs/train/ (out_dir).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/setup-env.sh
+S11_EXTRAS= source scripts/setup-env.sh
 mkdir -p runs
 exec papermill notebooks/train.ipynb runs/train.ipynb --cwd . "$@"
