@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from s11lib.transforms import to_float
+
 
 def resolve_layer(model: nn.Module, name: str) -> nn.Module:
     """The submodule called `name` (e.g. "layer3" or "layer3.1"), or a one-line error listing the choices."""
@@ -110,7 +112,6 @@ def overlay(image: torch.Tensor, heatmap: torch.Tensor, alpha: float = 0.5, cmap
 
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    rgb = image.float() / 255 if image.dtype == torch.uint8 else image.float()
-    rgb = rgb.permute(1, 2, 0).cpu().numpy()
+    rgb = to_float(image).permute(1, 2, 0).cpu().numpy()
     colour = colormaps[cmap](heatmap.detach().float().cpu().clamp(0, 1).numpy())[..., :3]
     return (1 - alpha) * rgb + alpha * colour

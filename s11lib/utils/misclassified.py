@@ -7,6 +7,7 @@ import torch
 from matplotlib.figure import Figure
 
 from s11lib.constants import CLASSES
+from s11lib.transforms import to_float
 
 
 @dataclass
@@ -55,7 +56,7 @@ def plot_image_grid(
             continue
         img = images[i]
         if isinstance(img, torch.Tensor):
-            img = (img.float() / 255 if img.dtype == torch.uint8 else img.float()).permute(1, 2, 0).cpu().numpy()
+            img = to_float(img).permute(1, 2, 0).cpu().numpy()
         ax.imshow(img.clip(0, 1), interpolation="bilinear")
         ax.set_title(titles[i], fontsize=9)
     if suptitle:
