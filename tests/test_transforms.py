@@ -27,10 +27,14 @@ def reference(image, p: AugmentParams, i: int, padding=4, size=16):
     x = TF.crop(TF.pad(image, [padding]), top, left, 32, 32)
     x = TF.rotate(x, float(p.angles[i]), interpolation=InterpolationMode.BILINEAR)
     x = TF.normalize(x, MEAN, STD)
-    row, col = p.cutout_centers[i].tolist()
+    return erase_clipped(x, *p.cutout_centers[i].tolist(), size)
+
+
+def erase_clipped(image, row, col, size=16):
+    """torchvision's F.erase on the size x size box centred at (row, col), clipped at the border."""
     r0, c0 = max(0, row - size // 2), max(0, col - size // 2)
-    r1, c1 = min(32, row + size // 2), min(32, col + size // 2)
-    return TF.erase(x, r0, c0, r1 - r0, c1 - c0, torch.tensor(0.0))
+    r1, c1 = min(image.shape[-2], row + size // 2), min(image.shape[-1], col + size // 2)
+    return TF.erase(image, r0, c0, r1 - r0, c1 - c0, torch.tensor(0.0))
 
 
 def test_random_crop_matches_torchvision(images, params):
@@ -67,10 +71,7 @@ def test_cutout_matches_torchvision_erase_including_clipped_boxes(images):
     centers = torch.tensor([[0, 0], [31, 31], [16, 16], [3, 28], [8, 8]])
     out = cutout(images[:5], centers, 16)
     for i in range(5):
-        row, col = centers[i].tolist()
-        r0, c0, r1, c1 = max(0, row - 8), max(0, col - 8), min(32, row + 8), min(32, col + 8)
-        ref = TF.erase(images[i], r0, c0, r1 - r0, c1 - c0, torch.tensor(0.0))
-        torch.testing.assert_close(out[i], ref, atol=0, rtol=0)
+        torch.testing.assert_close(out[i], erase_clipped(images[i], *centers[i].tolist()), atol=0, rtol=0)
     assert (out[2] == 0).sum() == 3 * 16 * 16  # a hole fully inside is exactly 16x16
 
 
