@@ -1,6 +1,7 @@
 """The whole assignment as one function: train the recipe, then explain its mistakes.
 
-    from s11lib.config import Config
+    from s11lib import checkpoint
+from s11lib.config import Config
     from s11lib.run import run
     result = run(Config(data_dir="data", out_dir="runs/train"))
 
@@ -8,9 +9,9 @@ or, without Jupyter (e.g. on a GPU machine with no papermill):
 
     python -m s11lib.run --data-dir data --out-dir runs/train --epochs 40
 
-`notebooks/train.ipynb` calls the same `run`. Files written into `out_dir` (each one atomically):
-metrics.csv, last.pt, best.pt, config.json, misclassified.json, misclassified.png, gradcam.png,
-gradcam.npz, curves.png, confusion.png, test_predictions.npy.
+`notebooks/train.ipynb` calls the same `run`. It writes OUTPUT_FILES into `out_dir`, each one
+atomically. Run it again with the same `out_dir` after a crash and it continues from last.pt
+(s11lib/checkpoint.py); with `resume=False` it starts over.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from s11lib import checkpoint
 from s11lib.config import Config
 from s11lib.constants import CLASSES, NUM_CLASSES
 from s11lib.loaders import Loaders, build_loaders
@@ -40,8 +42,10 @@ from s11lib.utils.gradcam import GradCAM, overlay, resolve_layer
 from s11lib.utils.misclassified import Mistakes, find_misclassified, mistake_titles, plot_image_grid
 from s11lib.utils.plot_metrics import plot_confusion, plot_curves
 from s11lib.utils.summary import model_summary
-from s11lib.utils.train_test import EpochResult, evaluate, format_eval, train_epoch
+from s11lib.utils.train_test import NonFiniteLossError, evaluate, format_eval, train_epoch
 
+OUTPUT_FILES = ("metrics.csv", "last.pt", "best.pt", "config.json", "misclassified.json", "misclassified.png",
+                "gradcam.png", "gradcam.npz", "curves.png", "confusion.png", "test_predictions.npy")
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "seconds")
 
 
@@ -77,6 +81,8 @@ def seed_everything(seed: int) -> None:
 
 
 def _check_writable(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir {out_dir} is a file, not a folder")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".write-test-{os.getpid()}"
@@ -114,16 +120,12 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.op
         threshold=config.plateau_threshold, min_lr=config.min_lr)
 
 
-def _checkpoint(model, optimizer, scheduler, epoch: int, config: Config, row: dict) -> dict:
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "epoch": epoch, "config": config.to_dict(), "metrics": dict(row)}
-
-
 def run(config: Config) -> RunResult:
-    """Train, checkpoint, then find and explain the mistakes of the best checkpoint.
+    """Train (or continue training), checkpoint, then find and explain the mistakes of the best checkpoint.
 
-    Every bad input (config, device, data, Grad-CAM layer, out_dir) fails before the first
-    file is written.
+    With `config.resume` and a last.pt in out_dir, the run continues from it. Every bad input
+    (config, device, data, Grad-CAM layer, out_dir, an unloadable or foreign checkpoint) fails
+    before the first file is written.
     """
     device = resolve_device(config.device)
     amp_dtype = torch.bfloat16 if (config.amp and device.type == "cuda") else None
@@ -133,20 +135,36 @@ def run(config: Config) -> RunResult:
     train_tf, test_tf = train_transforms(), test_transforms()
     data: Loaders = build_loaders(config.data_dir, config.batch_size, device, train_tf, test_tf, config.download,
                                   config.train_subset, config.test_subset, config.val_size)
-    out_dir = Path(config.out_dir)
-    _check_writable(out_dir)
     model = model.to(device)
-    atomic.save_json(config.to_dict(), out_dir / "config.json")
-
-    print(model_summary(model, device=device))
-    held_out = f"{data.val.num_images} validation" if data.val else "no validation (the test set is watched)"
-    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
-          f"torch {torch.__version__}, amp: {amp_dtype or 'off'}")
-    print(f"data: {data.train.num_images} training, {held_out}, {data.test.num_images} test images")
-    print(f"train transforms: {train_tf}")
-
     optimizer = make_optimizer(model, config, device)
     scheduler = make_scheduler(optimizer, config)
+    out_dir = Path(config.out_dir)
+    resumed = checkpoint.resume_point(out_dir, config, model, optimizer, scheduler) if config.resume else None
+    _check_writable(out_dir)
+    with atomic.exclusive(out_dir):
+        atomic.remove_leftovers(out_dir)
+        if resumed:
+            checkpoint.restore(resumed, out_dir)
+        else:
+            stale = [out_dir / name for name in OUTPUT_FILES if (out_dir / name).exists()]
+            for path in stale:  # a fresh start must not leave another run's best.pt or figures behind
+                path.unlink()
+            if stale:
+                print(f"resume=False: starting over in {out_dir} (removed the previous run's files)")
+        atomic.save_json(config.to_dict(), out_dir / "config.json")
+        print(model_summary(model, device=device))
+        held_out = f"{data.val.num_images} validation" if data.val else "no validation (the test set is watched)"
+        print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+              f"torch {torch.__version__}, amp: {amp_dtype or 'off'}")
+        print(f"data: {data.train.num_images} training, {held_out}, {data.test.num_images} test images")
+        print(f"train transforms: {train_tf}")
+        rows, best_epoch = _train(model, data, optimizer, scheduler, config, device, amp_dtype, out_dir, resumed)
+        return explain(model, data, config, device, out_dir, rows, best_epoch)
+
+
+def _train(model, data: Loaders, optimizer, scheduler, config: Config, device, amp_dtype, out_dir: Path,
+           resumed: checkpoint.ResumePoint | None) -> tuple[list[dict], int]:
+    """The epoch loop, from the first epoch or from where `resumed` stopped; returns (rows, best epoch)."""
     train_loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     eval_loss_fn = nn.CrossEntropyLoss()
     steps_per_epoch = len(data.train)
@@ -154,9 +172,13 @@ def run(config: Config) -> RunResult:
     watched = config.plateau_metric if data.val else config.plateau_metric.replace("val_", "test_")
     select_on = "val_acc" if data.val else "test_acc"
 
-    rows: list[dict] = []
-    best_epoch, best_acc = 0, -1.0
-    for epoch in range(1, config.epochs + 1):
+    rows: list[dict] = resumed.rows if resumed else []
+    best_epoch, best_acc = (resumed.best_epoch, resumed.best_value) if resumed else (0, -1.0)
+    if resumed:
+        write_metrics(rows, out_dir / "metrics.csv")  # a crash may have come before it was written
+        print(f"resuming from {out_dir / checkpoint.LAST}: {resumed.epoch} of {config.epochs} epochs done, "
+              f"best {select_on} {best_acc:.2f}% at epoch {best_epoch}")
+    for epoch in range(len(rows) + 1, config.epochs + 1):
         start = time.perf_counter()
 
         def warm_up(batch: int, epoch=epoch) -> None:
@@ -181,22 +203,24 @@ def run(config: Config) -> RunResult:
             print(format_eval("Validation", val))
         print(format_eval("Test", test))
 
-        write_metrics(rows, out_dir / "metrics.csv")
-        state = _checkpoint(model, optimizer, scheduler, epoch, config, row)
-        if row[select_on] > best_acc:
+        improved = row[select_on] > best_acc
+        if improved:
             best_epoch, best_acc = epoch, row[select_on]
-            atomic.save_torch(state, out_dir / "best.pt")
-        atomic.save_torch(state, out_dir / "last.pt")
-
+        # last.pt first: it alone decides where a resumed run starts (see s11lib/checkpoint.py).
+        last = checkpoint.save_last(out_dir / checkpoint.LAST, model, optimizer, scheduler, epoch, config, rows,
+                                    best_epoch, best_acc, select_on)
+        if improved:
+            checkpoint.save_best(out_dir / checkpoint.BEST, last)
+        write_metrics(rows, out_dir / "metrics.csv")
     print(f"best checkpoint: epoch {best_epoch} ({select_on} {best_acc:.2f}%)")
-    return explain(model, data, config, device, out_dir, rows, best_epoch)
+    return rows, best_epoch
 
 
 def explain(model: nn.Module, data: Loaders, config: Config, device: torch.device, out_dir: Path,
             rows: list[dict], best_epoch: int) -> RunResult:
     """Load best.pt, predict the test set, and write the mistakes, their Grad-CAM and the figures."""
-    best = torch.load(out_dir / "best.pt", map_location=device, weights_only=True)
-    model.load_state_dict(best["model"])
+    best_path = out_dir / checkpoint.BEST
+    checkpoint.load_model_state(model, checkpoint.load_checkpoint(best_path, map_location=device), best_path)
     test_result, logits = evaluate(model, data.test, nn.CrossEntropyLoss(), device, None, keep_logits=True)
     labels = data.test.labels.cpu()
     preds = logits.argmax(1)
@@ -266,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:  # the run diverged; last.pt still holds the last good epoch
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -73,9 +73,9 @@ def test_metrics_csv(executed):
 
 def test_checkpoints(executed):
     _, out_dir, params = executed
-    for name in ("best.pt", "last.pt"):
+    for name, keys in (("best.pt", {"model", "epoch", "config"}), ("last.pt", {"model", "optimizer", "scheduler"})):
         state = torch.load(out_dir / name, weights_only=True)
-        assert {"model", "optimizer", "scheduler", "epoch", "config"} <= set(state)
+        assert keys <= set(state)
         assert state["config"]["epochs"] == 2 and state["config"]["data_dir"] == params["data_dir"]
         resnet18().load_state_dict(state["model"])  # the documented model takes it as it is
 

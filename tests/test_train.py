@@ -129,14 +129,16 @@ def test_short_real_run_learns(data_dir, tmp_path, is_real_data):
 def test_checkpoints_load_safely_and_hold_the_run(data_dir, tmp_path):
     config = _quick(data_dir, tmp_path, epochs=2)
     result = run(config)
-    for name in ("last.pt", "best.pt"):
-        state = torch.load(tmp_path / name, weights_only=True)
-        assert set(state) >= {"model", "optimizer", "scheduler", "epoch", "config"}
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert set(last) == {"model", "optimizer", "scheduler", "epoch", "config", "metrics", "history", "best", "rng"}
+    assert set(best) == {"model", "epoch", "config", "metrics"}  # weights to explain, not to continue
+    for state in (last, best):
         assert Config.from_dict(state["config"]) == config
-        model = resnet18(width=4)
-        model.load_state_dict(state["model"])
-    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2
-    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == result.best_epoch
+        resnet18(width=4).load_state_dict(state["model"])
+    assert last["epoch"] == 2 and last["history"] == result.rows and last["metrics"] == result.rows[-1]
+    assert best["epoch"] == result.best_epoch == last["best"]["epoch"]
+    assert best["metrics"] == result.rows[result.best_epoch - 1]
 
 
 @pytest.mark.parametrize("overrides, message", [

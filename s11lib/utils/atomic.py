@@ -2,11 +2,15 @@
 
 Each writer writes a temporary file in the target's folder (same file system, so the rename is
 atomic), flushes it to disk and `os.replace`s it over the target. On any error the temporary
-file is removed and the target is untouched.
+file is removed and the target is untouched; after a SIGKILL it stays behind as `.NAME.*.tmp`,
+never as NAME, and `remove_leftovers` clears it on the next run.
+
+`exclusive` keeps two runs from writing into one folder at once.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -17,6 +21,7 @@ import numpy as np
 import torch
 
 
+TMP_SUFFIX = ".tmp"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read the process umask (the only portable way is to set it and put it back)
 
@@ -25,7 +30,7 @@ os.umask(_UMASK)  # read the process umask (the only portable way is to set it a
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Like open(path, mode) for writing, but the file appears at `path` only when complete."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file open()'s usual mode
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
@@ -59,3 +64,39 @@ def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
     """Save a matplotlib figure as PNG atomically."""
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", **kwargs)
+
+
+def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed writer left in `folder`; return their paths."""
+    leftovers = [p for p in Path(folder).glob(f".*{TMP_SUFFIX}") if p.is_file()]
+    for p in leftovers:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return leftovers
+
+
+@contextlib.contextmanager
+def exclusive(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold an advisory lock on `folder` (flock on the folder itself: no file is created).
+
+    A second holder gets a one-line ValueError. The kernel drops the lock when the process dies,
+    however it dies, so a crashed run never leaves a stale lock. Where locks are not supported
+    (some network or FUSE file systems, Windows) this does nothing.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another run is writing to {folder}; wait for it or use another out_dir") from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                raise
+        yield
+    finally:
+        os.close(fd)

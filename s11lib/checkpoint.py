@@ -1,0 +1,184 @@
+"""Checkpoints: what `last.pt` and `best.pt` hold, how they load safely, and how a run resumes.
+
+`last.pt` is the source of truth of a run in progress. It is written at the end of every epoch,
+before anything else, and holds everything the next epoch depends on: the model, optimizer and
+scheduler states, the random number generators (torch on the CPU and on every CUDA device, numpy,
+Python's `random`), the metrics of every epoch so far and the best epoch so far. A run started
+again with the same `out_dir` loads it and continues as if it had never stopped; on the CPU the
+result is bit for bit that of an uninterrupted run (tests/test_resume.py).
+
+`best.pt` holds the model weights of the best epoch (no optimizer: it is for explaining, not for
+continuing). The epoch loop writes last.pt, then best.pt, then metrics.csv, each atomically, so a
+crash between two of them leaves either files that agree or a best.pt one epoch behind last.pt,
+which `resume_point` repairs from last.pt.
+
+Every checkpoint is read with `torch.load(..., weights_only=True)`: tensors, numbers, strings and
+containers only, so a crafted file cannot run code. Anything unreadable, foreign or from a run
+with other settings is a one-line `CheckpointError`.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from s11lib.config import Config
+from s11lib.utils import atomic
+
+LAST, BEST = "last.pt", "best.pt"
+BEST_KEYS = frozenset({"model", "epoch", "config", "metrics"})
+LAST_KEYS = BEST_KEYS | {"optimizer", "scheduler", "history", "best", "rng"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded, or cannot be continued with these settings."""
+
+
+def rng_state() -> dict:
+    """Every random number generator a run draws from, in a form weights_only loading accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    # A run moved from one machine to another keeps its CPU streams; CUDA streams only come
+    # back on the same number of devices (the shuffle then differs: not bit-exact, still correct).
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_last(path: Path, model: nn.Module, optimizer, scheduler, epoch: int, config: Config, history: list[dict],
+              best_epoch: int, best_value: float, best_metric: str) -> dict:
+    """Write last.pt (atomically) and return what was written."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "epoch": epoch, "config": config.to_dict(), "metrics": dict(history[-1]),
+             "history": [dict(row) for row in history],
+             "best": {"epoch": best_epoch, "value": best_value, "metric": best_metric}, "rng": rng_state()}
+    atomic.save_torch(state, path)
+    return state
+
+
+def save_best(path: Path, last: dict) -> None:
+    """Write best.pt from a last.pt state: the weights of that epoch, its metrics and config."""
+    atomic.save_torch({key: last[key] for key in BEST_KEYS}, path)
+
+
+def load_checkpoint(path: str | os.PathLike, required=BEST_KEYS, map_location=None) -> dict:
+    """torch.load with weights_only=True; a failure or a missing key in `required` is a one-line CheckpointError."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except Exception as e:  # noqa: BLE001 - the unpickler raises many types; all mean "not loadable"
+        raise CheckpointError(f"{path} cannot be loaded safely ({_reason(e)}); delete it or use another out_dir") \
+            from None
+    missing = sorted(set(required) - set(state)) if isinstance(state, dict) else sorted(required)
+    if missing:
+        raise CheckpointError(f"{path} is not an s11lib checkpoint (no {', '.join(missing)})")
+    return state
+
+
+def _reason(error: Exception) -> str:
+    """The informative line of torch.load's many-paragraph errors, as one short clause."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    useful = [line for line in lines if not line.startswith(boilerplate)] or lines or [type(error).__name__]
+    return useful[0].split(". ")[0].rstrip(".")
+
+
+def load_model_state(model: nn.Module, state: dict, path: Path) -> None:
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} does not fit this model ({_reason(e)})") from None
+
+
+# Settings that may change between a run and its continuation: where things are, how long the
+# run goes on, and what is drawn after training. Everything else shapes the training trajectory.
+RESUMABLE_CHANGES = frozenset({"data_dir", "download", "device", "out_dir", "epochs", "progress", "gradcam_layer",
+                               "num_misclassified", "resume"})
+
+
+def incompatible_settings(saved: dict, config: Config) -> list[str]:
+    """The settings that differ between a saved run and `config` and forbid continuing it."""
+    current = config.to_dict()
+    return [f"{key} {saved.get(key)!r} (now {current[key]!r})" for key in current
+            if key not in RESUMABLE_CHANGES and saved.get(key) != current[key]]
+
+
+@dataclass
+class ResumePoint:
+    last: dict  # the last.pt state
+    best_epoch: int
+    best_value: float
+    rows: list[dict]
+    best_on_disk: int | None  # the epoch best.pt holds, None when there is no best.pt
+
+    @property
+    def epoch(self) -> int:
+        return self.last["epoch"]
+
+
+def resume_point(out_dir: Path, config: Config, model: nn.Module, optimizer, scheduler) -> ResumePoint | None:
+    """Load out_dir's last.pt into model, optimizer and scheduler; None when there is none.
+
+    Writes nothing: every problem (unloadable file, other settings, more epochs done than asked)
+    is raised before the run touches out_dir. Call `restore` afterwards to set the RNGs and
+    repair best.pt.
+    """
+    path = out_dir / LAST
+    if not path.is_file():
+        return None
+    # On the CPU whatever the device: the RNG states must be CPU tensors, and load_state_dict
+    # copies weights and optimizer state to where the parameters are.
+    last = load_checkpoint(path, LAST_KEYS, map_location="cpu")
+    differences = incompatible_settings(last["config"], config)
+    if differences:
+        raise CheckpointError(f"{out_dir} holds a run with other settings: {', '.join(differences)}; pass "
+                              "resume=False to start over there, or use another out_dir")
+    if last["epoch"] > config.epochs:
+        raise CheckpointError(f"{out_dir} holds {last['epoch']} epochs, more than epochs={config.epochs}; raise "
+                              "epochs, or pass resume=False to start over")
+    if len(last["history"]) != last["epoch"]:
+        raise CheckpointError(f"{path} is inconsistent: {len(last['history'])} rows of metrics for "
+                              f"epoch {last['epoch']}")
+    best_on_disk = None  # a crafted best.pt fails now, not after training
+    if (out_dir / BEST).exists():
+        best_on_disk = load_checkpoint(out_dir / BEST, map_location="cpu")["epoch"]
+    load_model_state(model, last, path)
+    try:
+        optimizer.load_state_dict(last["optimizer"])
+        scheduler.load_state_dict(last["scheduler"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: optimizer or scheduler state does not fit ({_reason(e)})") from None
+    best = last["best"]
+    if best_on_disk != best["epoch"] and best["epoch"] != last["epoch"]:  # only the newest can be missing
+        raise CheckpointError(f"{out_dir / BEST} holds epoch {best_on_disk}, but {LAST} says the best is epoch "
+                              f"{best['epoch']}; pass resume=False to start over")
+    return ResumePoint(last, int(best["epoch"]), float(best["value"]), [dict(r) for r in last["history"]],
+                       best_on_disk)
+
+
+def restore(point: ResumePoint, out_dir: Path) -> None:
+    """Set the RNGs to where last.pt left them, and rewrite best.pt if the crash came before it."""
+    set_rng_state(point.last["rng"])
+    if point.best_on_disk != point.best_epoch:
+        save_best(out_dir / BEST, point.last)

@@ -1,0 +1,220 @@
+"""Crashes: a run SIGKILLed mid-epoch or mid-write, run again, ends bit for bit where an
+uninterrupted run ends; every file is replaced atomically; a diverged run keeps its last good
+checkpoint; resume=False and a fresh out_dir start over without touching another run's files.
+
+The crashing runs are child processes (tests/crash.py) that SIGKILL themselves at an exact point.
+"""
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.image import imread
+
+import s11lib.run as run_module
+from s11lib.checkpoint import CheckpointError
+from s11lib.config import Config
+from s11lib.run import OUTPUT_FILES, read_metrics, run
+from s11lib.utils import atomic
+
+CRASH = Path(__file__).with_name("crash.py")
+# 128 training images in batches of 32: 4 steps per epoch, 3 epochs (~5 s a run on 2 CPU cores).
+SETTINGS = dict(download=False, width=8, epochs=3, batch_size=32, train_subset=160, val_size=32, test_subset=64,
+                warmup_epochs=1, lr=0.05, progress=False, num_misclassified=5)
+
+
+def _child(*args: str, killed: bool) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(CRASH), *args], capture_output=True, text=True, timeout=300)
+    expected = -signal.SIGKILL if killed else 0
+    assert proc.returncode == expected, f"exit {proc.returncode}, expected {expected}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _run_child(data_dir, out_dir, *kill: str, killed: bool = False, **overrides) -> subprocess.CompletedProcess:
+    config = {**SETTINGS, "data_dir": str(data_dir), "out_dir": str(out_dir), **overrides}
+    return _child("run", json.dumps(config), *kill, killed=killed)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory) -> Path:
+    out_dir = tmp_path_factory.mktemp("uninterrupted")
+    _run_child(data_dir, out_dir)
+    return out_dir
+
+
+def _identical(a, b, where="") -> None:
+    """Tensors equal bit for bit, containers recursively, everything else by ==."""
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _identical(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def _without_seconds(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # wall time varies
+
+
+def assert_same_run(expected: Path, actual: Path) -> None:
+    """Everything a run leaves equals, bit for bit, except wall-clock seconds and out_dir."""
+    assert sorted(p.name for p in actual.iterdir()) == sorted(OUTPUT_FILES)  # no temporary files left
+    assert _without_seconds(read_metrics(actual / "metrics.csv")) == _without_seconds(read_metrics(expected / "metrics.csv"))
+    for name in ("last.pt", "best.pt"):
+        a, b = (torch.load(d / name, weights_only=True) for d in (expected, actual))
+        for state in (a, b):
+            state["config"].pop("out_dir")
+            state["metrics"].pop("seconds")
+            state["history"] = _without_seconds(state.get("history", []))
+        _identical(a, b, name)  # weights, optimizer, scheduler, RNG states, best so far
+    assert json.loads((actual / "misclassified.json").read_text()) == json.loads((expected / "misclassified.json").read_text())
+    with np.load(expected / "gradcam.npz") as a, np.load(actual / "gradcam.npz") as b:
+        assert all(np.array_equal(a[k], b[k]) for k in a.files)
+    assert np.array_equal(np.load(actual / "test_predictions.npy"), np.load(expected / "test_predictions.npy"))
+
+
+def test_killed_three_times_then_finishes_as_if_never_killed(data_dir, uninterrupted, tmp_path):
+    # 1. Epoch 1 always improves on nothing; its best.pt write dies, after last.pt is complete.
+    _run_child(data_dir, tmp_path, "--kill-writing", "best.pt:1:1024", killed=True)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["best"]["epoch"] == 1
+    assert not (tmp_path / "best.pt").exists() and len(list(tmp_path.glob(".best.pt.*.tmp"))) == 1
+
+    # 2. Run again: it rebuilds best.pt from last.pt, clears the leftover, and dies mid-epoch 2.
+    again = _run_child(data_dir, tmp_path, "--kill-after-step", "2", killed=True)
+    assert f"resuming from {tmp_path / 'last.pt'}: 1 of 3 epochs done" in again.stdout
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
+    assert [r["epoch"] for r in read_metrics(tmp_path / "metrics.csv")] == [1]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+    # 3. Again: epoch 2 completes; the write of epoch 3's last.pt dies after 64 KiB of ~800 KB.
+    _run_child(data_dir, tmp_path, "--kill-writing", "last.pt:2:65536", killed=True)
+    partial = list(tmp_path.glob(".last.pt.*.tmp"))
+    assert len(partial) == 1 and partial[0].stat().st_size == 65536  # it died mid-write...
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2  # ...leaving the old last.pt, whole
+    assert [r["epoch"] for r in read_metrics(tmp_path / "metrics.csv")] == [1, 2]  # last.pt goes first
+
+    # 4. Again, undisturbed: the end is the uninterrupted run's, bit for bit.
+    again = _run_child(data_dir, tmp_path)
+    assert f"resuming from {tmp_path / 'last.pt'}: 2 of 3 epochs done" in again.stdout
+    assert_same_run(uninterrupted, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def killed_writers(tmp_path_factory) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("writers")
+    ended = json.loads(_child("write", str(folder), "100", killed=False).stdout)
+    return folder, ended
+
+
+@pytest.mark.parametrize("kind", ["torch", "json", "csv", "npz", "npy", "png"])
+def test_every_kind_of_file_is_replaced_atomically(killed_writers, kind):
+    folder, ended = killed_writers
+    assert ended[kind] == signal.SIGKILL
+    path = folder / kind / f"f.{kind}"
+    partial = list(path.parent.glob(f".f.{kind}.*.tmp"))
+    assert len(partial) == 1 and partial[0].stat().st_size == 100  # killed mid-write
+    is_the_old_version = {  # whole, with 10 values (the new one has 10,000)
+        "torch": lambda: len(torch.load(path, weights_only=True)["w"]) == 10,
+        "json": lambda: len(json.loads(path.read_text())["values"]) == 10,
+        "csv": lambda: len(read_metrics(path)) == 10,
+        "npz": lambda: len(np.load(path)["a"]) == 10,
+        "npy": lambda: len(np.load(path)) == 10,
+        "png": lambda: imread(path).shape[:2] == (200, 200),  # 2 inches at 100 dpi; the new one is 7 wide
+    }
+    assert is_the_old_version[kind]()
+    assert atomic.remove_leftovers(path.parent) == partial and not partial[0].exists()
+
+
+# --- in-process: cheaper cases -----------------------------------------------------------------------
+def _config(data_dir, out_dir, **overrides) -> Config:
+    return Config(**{**SETTINGS, "data_dir": str(data_dir), "out_dir": str(out_dir), "width": 4, **overrides})
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    run(_config(data_dir, tmp_path, epochs=2))
+    good = (tmp_path / "last.pt").read_bytes()
+    real_train_epoch = run_module.train_epoch
+
+    def diverges_in_epoch_3(model, loader, optimizer, criterion, epoch, *args, **kwargs):
+        calls = []
+
+        def loss(logits, y):
+            calls.append(1)
+            return criterion(logits, y) * (float("nan") if epoch == 3 and len(calls) == 2 else 1.0)
+        return real_train_epoch(model, loader, optimizer, loss, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "train_epoch", diverges_in_epoch_3)
+    with pytest.raises(run_module.NonFiniteLossError, match="^non-finite loss at epoch 3, batch 2; lower lr") as e:
+        run(_config(data_dir, tmp_path, epochs=3))
+    assert "\n" not in str(e.value)
+    assert (tmp_path / "last.pt").read_bytes() == good  # the last good epoch, untouched
+    assert [r["epoch"] for r in read_metrics(tmp_path / "metrics.csv")] == [1, 2]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_cli_reports_divergence_in_one_line(data_dir, tmp_path, monkeypatch, capsys):
+    def diverges(*args, **kwargs):
+        raise run_module.NonFiniteLossError("non-finite loss at epoch 1, batch 3; lower lr or check the data")
+    monkeypatch.setattr(run_module, "train_epoch", diverges)
+    config = _config(data_dir, tmp_path)
+    code = run_module.main([f"--{k.replace('_', '-')}={v}" for k, v in config.to_dict().items()])
+    err = capsys.readouterr().err
+    assert code == 1 and err == "error: non-finite loss at epoch 1, batch 3; lower lr or check the data\n"
+
+
+def test_a_finished_run_is_not_trained_again(data_dir, tmp_path, monkeypatch):
+    first = run(_config(data_dir, tmp_path, epochs=1))
+    checkpoints = {name: (tmp_path / name).read_bytes() for name in ("last.pt", "best.pt")}
+    (tmp_path / "gradcam.png").unlink()  # e.g. killed while drawing the figures
+    monkeypatch.setattr(run_module, "train_epoch", lambda *a, **k: pytest.fail("trained again"))
+    again = run(_config(data_dir, tmp_path, epochs=1))
+    assert again.rows == first.rows and torch.equal(again.heatmaps, first.heatmaps)
+    assert {name: (tmp_path / name).read_bytes() for name in checkpoints} == checkpoints
+    assert (tmp_path / "gradcam.png").exists()
+
+
+def test_a_run_continues_only_with_its_own_settings(data_dir, tmp_path):
+    run(_config(data_dir, tmp_path, epochs=2))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(CheckpointError, match=r"holds a run with other settings: lr 0.05 \(now 0.02\).*resume=False"):
+        run(_config(data_dir, tmp_path, lr=0.02))
+    with pytest.raises(CheckpointError, match="holds 2 epochs, more than epochs=1"):
+        run(_config(data_dir, tmp_path, epochs=1))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_resume_false_starts_over_and_a_fresh_out_dir_touches_nothing_else(data_dir, tmp_path):
+    first, other = tmp_path / "first", tmp_path / "other"
+    run(_config(data_dir, first, epochs=2))
+    (first / "notes.txt").write_text("mine")
+    first_files = {p.name: p.read_bytes() for p in first.iterdir()}
+
+    run(_config(data_dir, other, epochs=1))  # a fresh out_dir
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == first_files
+
+    restarted = run(_config(data_dir, first, epochs=1, resume=False))
+    assert [r["epoch"] for r in restarted.rows] == [1]
+    assert torch.load(first / "last.pt", weights_only=True)["epoch"] == 1
+    assert (first / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
+    same = torch.load(other / "last.pt", weights_only=True)["model"]  # same settings, same result
+    _identical(torch.load(first / "last.pt", weights_only=True)["model"], same)
+
+
+def test_two_runs_cannot_share_an_out_dir(data_dir, tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    with atomic.exclusive(tmp_path):  # as a run in progress holds it
+        with pytest.raises(ValueError, match="another run is writing to"):
+            run(_config(data_dir, tmp_path, epochs=1))
+    assert list(tmp_path.iterdir()) == []
