@@ -25,7 +25,7 @@ def real_data_dir() -> Path | None:
     value = os.environ.get(ENV)
     if not value:
         return None
-    path = Path(value)
+    path = Path(value).resolve()  # the notebook tests run papermill in another folder
     if not (path / FOLDER).is_dir():
         raise pytest.UsageError(f"{ENV}={value} does not hold {FOLDER}/")
     return path
@@ -92,3 +92,19 @@ def data_dir(synthetic_dir) -> Path:
 @pytest.fixture(scope="session")
 def is_real_data() -> bool:
     return real_data_dir() is not None
+
+
+@pytest.fixture
+def small_data(tmp_path) -> Path:
+    """A fresh, writable 120-image data set (100 train, 20 test) to break in a test."""
+    return write_cifar_layout(tmp_path / "data", train_per_batch=20, test_size=20)
+
+
+class RunsCode:
+    """Unpickling this runs a shell command that creates `marker`: what a crafted file would try."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)

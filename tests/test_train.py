@@ -1,5 +1,5 @@
 """The training loop: same as a plain loop, ReduceLROnPlateau really acts, a short real run learns,
-checkpoints load safely, and bad input fails before anything is written."""
+and checkpoints load safely (bad input: test_bad_input.py; crashes and resume: test_resume.py)."""
 import copy
 
 import pytest
@@ -9,7 +9,7 @@ from torch import nn
 from s11lib.config import Config
 from s11lib.loaders import DeviceLoader
 from s11lib.models import resnet18
-from s11lib.run import main, make_optimizer, read_metrics, run
+from s11lib.run import make_optimizer, read_metrics, run
 from s11lib.transforms import test_transforms
 from s11lib.utils.train_test import NonFiniteLossError, evaluate, train_epoch
 
@@ -139,39 +139,3 @@ def test_checkpoints_load_safely_and_hold_the_run(data_dir, tmp_path):
     assert last["epoch"] == 2 and last["history"] == result.rows and last["metrics"] == result.rows[-1]
     assert best["epoch"] == result.best_epoch == last["best"]["epoch"]
     assert best["metrics"] == result.rows[result.best_epoch - 1]
-
-
-@pytest.mark.parametrize("overrides, message", [
-    ({"epochs": 0}, "epochs must be at least 1"),
-    ({"batch_size": 0}, "batch_size must be at least 1"),
-    ({"lr": 0.0}, "lr must be above 0"),
-    ({"lr": -0.1}, "lr must be above 0"),
-    ({"plateau_metric": "train_loss"}, "plateau_metric must be one of"),
-])
-def test_bad_config_values(data_dir, tmp_path, overrides, message):
-    with pytest.raises(ValueError, match=message):
-        _quick(data_dir, tmp_path / "out", **overrides)
-    assert not (tmp_path / "out").exists()
-
-
-def test_unknown_config_key():
-    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['epoch'\]"):
-        Config.from_dict({"epoch": 3})
-
-
-@pytest.mark.parametrize("overrides, message", [
-    ({"gradcam_layer": "layer9"}, "unknown gradcam_layer 'layer9'"),
-    ({"train_subset": 10**6}, "train_subset must be between 1 and"),
-    ({"device": "cuda:7" if torch.cuda.is_available() else "cuda"}, "device="),
-])
-def test_bad_run_input_fails_before_writing(data_dir, tmp_path, overrides, message):
-    with pytest.raises(ValueError, match=message):
-        run(_quick(data_dir, tmp_path / "out", **overrides))
-    assert not (tmp_path / "out").exists()
-
-
-def test_cli_reports_bad_input_in_one_line(data_dir, tmp_path, capsys):
-    code = main(["--data-dir", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "out"), "--download", "false"])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and "no such folder" in err
-    assert not (tmp_path / "out").exists()
