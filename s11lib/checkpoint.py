@@ -92,7 +92,7 @@ def load_checkpoint(path: str | os.PathLike, required=BEST_KEYS, map_location=No
             from None
     missing = sorted(set(required) - set(state)) if isinstance(state, dict) else sorted(required)
     if missing:
-        raise CheckpointError(f"{path} is not an s11lib checkpoint (no {', '.join(missing)})")
+        raise CheckpointError(f"{path} is not a checkpoint of this s11lib version (no {', '.join(missing)})")
     return state
 
 

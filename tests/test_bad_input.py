@@ -156,7 +156,7 @@ def test_truncated_checkpoint(small_data, out_dir):
 def test_checkpoint_of_another_run(small_data, out_dir):
     out_dir.mkdir()
     torch.save({"weights": torch.zeros(3)}, out_dir / "last.pt")
-    refused(_config(small_data, out_dir), r"last.pt is not an s11lib checkpoint \(no best, config, epoch")
+    refused(_config(small_data, out_dir), r"last.pt is not a checkpoint of this s11lib version \(no best, config, epoch")
 
 
 # --- the settings ----------------------------------------------------------------------------------
