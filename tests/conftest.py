@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,36 @@ def real_data_dir() -> Path | None:
     if not (path / FOLDER).is_dir():
         raise pytest.UsageError(f"{ENV}={value} does not hold {FOLDER}/")
     return path
+
+
+def pytest_configure(config):
+    # The nbval references (tests/notebooks/) read their data and run folders from the environment,
+    # which their kernels inherit: the data as an absolute path (the kernel runs in tests/notebooks/),
+    # and a fresh run folder for the session, which train.ipynb writes and explore.ipynb reads.
+    path = real_data_dir()
+    if path:
+        os.environ[ENV] = str(path)
+    os.environ["S11_NBVAL_RUN_DIR"] = str(Path(tempfile.mkdtemp(prefix="s11-nbval-")) / "s11-nbval-run")
+
+
+def pytest_collection_modifyitems(config, items):
+    """nbval cells: train.ipynb's before explore.ipynb's (explore reads train's run); skipped, with
+    the reason, without the real data (their stored outputs come from it)."""
+    def is_nbval(item):
+        return type(item).__module__.startswith("nbval")
+
+    cells = [item for item in items if is_nbval(item)]
+    if not cells:
+        return
+    order = {"train.ipynb": 0, "explore.ipynb": 1}
+    cells.sort(key=lambda item: order.get(Path(str(item.fspath)).name, 2))  # stable: cell order kept
+    first = next(i for i, item in enumerate(items) if is_nbval(item))
+    items[:] = [item for item in items if not is_nbval(item)]
+    items[first:first] = cells
+    if real_data_dir() is None:
+        skip = pytest.mark.skip(reason=f"nbval regression needs the real CIFAR-10: set {ENV}")
+        for item in cells:
+            item.add_marker(skip)
 
 
 def pytest_report_header(config):
@@ -92,6 +123,22 @@ def data_dir(synthetic_dir) -> Path:
 @pytest.fixture(scope="session")
 def is_real_data() -> bool:
     return real_data_dir() is not None
+
+
+@pytest.fixture(scope="session")
+def learned_run(data_dir, is_real_data, tmp_path_factory):
+    """A short run that learns (test_train checks that it does); the explore tests browse it.
+
+    ~190 SGD steps of a narrow ResNet18 (width 16) on 2,048 images, full augmentation (~40 s on 2 cores).
+    """
+    from s11lib.config import Config
+    from s11lib.run import run
+
+    config = Config(data_dir=str(data_dir), out_dir=str(tmp_path_factory.mktemp("learned")), download=False,
+                    width=16, epochs=3 if is_real_data else 6, batch_size=32, lr=0.02, warmup_epochs=1,
+                    train_subset=2048 if is_real_data else 1000, val_size=0, test_subset=500 if is_real_data else 200,
+                    progress=False, num_misclassified=5)
+    return run(config)
 
 
 @pytest.fixture

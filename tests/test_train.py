@@ -113,12 +113,8 @@ def test_warmup_ramps_the_lr_per_step(data_dir, tmp_path):
     assert rows[0]["lr"] == pytest.approx(0.01)  # the ramp ends at the peak LR
 
 
-def test_short_real_run_learns(data_dir, tmp_path, is_real_data):
-    # ~190 SGD steps of a narrow ResNet18 (width 16) on 2,048 images, full augmentation (~45 s on 2 cores).
-    subset = 2048 if is_real_data else 1000
-    config = _quick(data_dir, tmp_path, width=16, epochs=3 if is_real_data else 6, batch_size=32, lr=0.02, warmup_epochs=1,
-                    train_subset=subset, val_size=0, test_subset=500 if is_real_data else 200)
-    rows = run(config).rows
+def test_short_real_run_learns(learned_run, is_real_data):
+    rows = learned_run.rows
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     # Chance is 10%; its standard deviation is 1.3 points on 500 images, 2.1 on 200. Measured here
     # (2 CPU cores, Intel Xeon @ 2.80GHz, torch 2.15, 2026-11-23): 26.8% on the real subset, 30.5% on

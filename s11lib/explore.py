@@ -1,0 +1,293 @@
+"""Browse a finished run's mistakes: the explore notebook's library.
+
+    from s11lib.explore import load_run, MistakeBrowser
+    finished = load_run("runs/train")          # best.pt, config.json, metrics.csv, the test set
+    MistakeBrowser(finished)                   # an ipywidgets browser over every mistake
+
+`load_run` re-predicts the test set with best.pt (it does not trust stored predictions) and checks
+that the predictions agree with the run's test_predictions.npy, so a data folder that holds other
+images than the run saw is an error, not a silent mismatch. `MistakeBrowser` shows one mistake at
+a time: the image, Grad-CAM for the predicted class and for the true class side by side, and the
+top-3 probabilities; it filters by true and predicted class and lets the user pick the layer and
+the overlay opacity. Its pictures are plain PNG bytes, so they also render without a browser
+(`snapshot`) and tests can compare them.
+"""
+from __future__ import annotations
+
+import html
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from s11lib import checkpoint
+from s11lib.config import Config
+from s11lib.constants import CLASSES, NUM_CLASSES
+from s11lib.loaders import DeviceLoader, load_cifar10
+from s11lib.models import resnet18
+from s11lib.run import read_metrics, resolve_device
+from s11lib.transforms import test_transforms
+from s11lib.utils.accuracy import confusion_matrix, per_class_accuracy
+from s11lib.utils.gradcam import GradCAM, overlay
+from s11lib.utils.misclassified import Mistakes, find_misclassified
+from s11lib.utils.train_test import evaluate
+
+LAYERS = ("layer1", "layer2", "layer3", "layer4")
+ANY = -1  # the class filters' "any class"
+_REQUIRED = ("config.json", "metrics.csv", checkpoint.BEST)
+
+
+@dataclass
+class FinishedRun:
+    """A run's best model and its predictions on the test images the run used."""
+
+    run_dir: Path
+    config: Config
+    rows: list[dict]  # metrics.csv
+    best_epoch: int
+    model: nn.Module  # best.pt, in eval mode, on `device`
+    device: torch.device
+    images: torch.Tensor  # (N, 3, 32, 32) uint8 test images, on the CPU
+    labels: torch.Tensor  # (N,)
+    logits: torch.Tensor  # (N, 10) best.pt's logits, float32 on the CPU
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return self.logits.softmax(1)
+
+    @property
+    def preds(self) -> torch.Tensor:
+        return self.logits.argmax(1)
+
+    @property
+    def confusion(self) -> torch.Tensor:
+        return confusion_matrix(self.preds, self.labels, NUM_CLASSES)
+
+    def mistakes(self, true_class: int | None = None, pred_class: int | None = None) -> Mistakes:
+        """Every misclassified test image, most confident first, optionally of one true/predicted class."""
+        found = find_misclassified(self.logits, self.labels, len(self.labels))
+        keep = torch.ones(len(found), dtype=torch.bool)
+        if true_class is not None:
+            keep &= found.labels == true_class
+        if pred_class is not None:
+            keep &= found.preds == pred_class
+        return Mistakes(found.positions[keep], found.labels[keep], found.preds[keep], found.confidences[keep])
+
+
+def load_run(run_dir: str | Path, data_dir: str | Path | None = None, device: str = "auto") -> FinishedRun:
+    """Load a finished run: its config, metrics and best.pt, and predict the test set it used.
+
+    Args:
+        run_dir: the run's out_dir.
+        data_dir: where CIFAR-10 is; default the run's own data_dir.
+        device: "auto", "cpu", "cuda", ...
+    """
+    run_dir = Path(run_dir)
+    missing = [name for name in _REQUIRED if not (run_dir / name).is_file()]
+    if missing:
+        raise ValueError(f"{run_dir} is not a finished run (no {', '.join(missing)}); train one with "
+                         "notebooks/train.ipynb first")
+    config = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
+    device_ = resolve_device(device)
+    best = checkpoint.load_checkpoint(run_dir / checkpoint.BEST, map_location=device_)
+    model = resnet18(NUM_CLASSES, width=config.width)
+    checkpoint.load_model_state(model, best, run_dir / checkpoint.BEST)
+    model.to(device_).eval()
+
+    images, labels = load_cifar10(data_dir or config.data_dir, train=False, download=config.download)
+    if config.test_subset is not None:
+        images, labels = images[: config.test_subset], labels[: config.test_subset]
+    # The run's batch size: the same computation as the run's own evaluation, so the same predictions.
+    loader = DeviceLoader(images, labels, config.batch_size, test_transforms(), device=device_)
+    _, logits = evaluate(model, loader, nn.CrossEntropyLoss(), device_, keep_logits=True)
+    stored = run_dir / "test_predictions.npy"
+    if stored.is_file():
+        saved = np.load(stored)
+        # Not all equal: another CPU or a GPU may flip a near tie. Other images flip many.
+        agree = len(saved) == len(labels) and (saved != logits.argmax(1).numpy()).sum() <= max(1, len(saved) // 100)
+        if not agree:
+            raise ValueError(f"best.pt's predictions on the test set in {data_dir or config.data_dir} differ from "
+                             f"the run's ({stored}); is it the same data set?")
+    return FinishedRun(run_dir, config, read_metrics(run_dir / "metrics.csv"), int(best["epoch"]), model, device_,
+                       images, labels, logits)
+
+
+def per_class_table(finished: FinishedRun) -> str:
+    """Per-class accuracy of best.pt as a text table, worst class first."""
+    confusion = finished.confusion
+    accuracy = per_class_accuracy(confusion)
+    wrong = confusion.sum(1) - confusion.diag()
+    lines = [f"{'class':<11}{'accuracy':>9}{'images':>8}  most often taken for"]
+    for c in sorted(range(NUM_CLASSES), key=lambda c: (float(accuracy[c].nan_to_num(101.0)), c)):
+        others = confusion[c].clone()
+        others[c] = -1
+        taken_for = f"{CLASSES[int(others.argmax())]} ({int(others.max())})" if wrong[c] > 0 else "-"
+        lines.append(f"{CLASSES[c]:<11}{float(accuracy[c]):>8.2f}%{int(confusion[c].sum()):>8}  {taken_for}")
+    total = confusion.sum()
+    lines.append(f"{'all':<11}{100.0 * float(confusion.diag().sum()) / max(int(total), 1):>8.2f}%{int(total):>8}")
+    return "\n".join(lines)
+
+
+def summary(finished: FinishedRun) -> str:
+    """The run in a few lines: epochs, best epoch, the last and the best epoch's metrics."""
+    last, best = finished.rows[-1], finished.rows[finished.best_epoch - 1]
+    val = lambda r: f"val {r['val_acc']:.2f}%, " if r.get("val_acc") is not None else ""  # noqa: E731
+    return "\n".join([
+        f"run: {len(finished.rows)} of {finished.config.epochs} epochs, best.pt = epoch {finished.best_epoch}",
+        f"last epoch: train {last['train_acc']:.2f}%, {val(last)}test {last['test_acc']:.2f}%",
+        f"best epoch: train {best['train_acc']:.2f}%, {val(best)}test {best['test_acc']:.2f}%",
+        f"best.pt on the {len(finished.labels)} test images: {100.0 * float((finished.preds == finished.labels).float().mean()):.2f}%"
+        f", {int((finished.preds != finished.labels).sum())} misclassified",
+    ])
+
+
+def show_figure(fig) -> None:
+    """Display a matplotlib Figure as a PNG (no pyplot, no backend needed)."""
+    from IPython.display import Image, display
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    display(Image(data=buffer.getvalue(), format="png"))
+
+
+def _to_png(rgb: np.ndarray) -> bytes:
+    from matplotlib.image import imsave
+
+    buffer = io.BytesIO()
+    imsave(buffer, np.clip(rgb, 0, 1), format="png")
+    return buffer.getvalue()
+
+
+class MistakeBrowser:
+    """An ipywidgets browser over every misclassified test image of a finished run.
+
+    The controls are attributes, so code (and tests) can drive it: `true_class`, `pred_class`
+    (dropdowns of class numbers, ANY = any class), `selector` (slider over the filtered mistakes, most confident
+    first), `layer`, `alpha`. The outputs: `picture` (PNG: image | Grad-CAM for the predicted
+    class | Grad-CAM for the true class), `caption` and `probabilities` (HTML).
+    """
+
+    def __init__(self, finished: FinishedRun, layer: str | None = None, alpha: float = 0.5, scale: int = 4):
+        import ipywidgets as w
+
+        self.finished = finished
+        self.scale = scale
+        self._cams: dict[tuple[int, str], torch.Tensor] = {}
+        classes = [("any", ANY)] + [(name, i) for i, name in enumerate(CLASSES)]  # None would show blank
+        self.true_class = w.Dropdown(options=classes, value=ANY, description="true")
+        self.pred_class = w.Dropdown(options=classes, value=ANY, description="predicted")
+        self.selector = w.IntSlider(min=0, max=0, value=0, description="mistake", continuous_update=False)
+        default = layer or (finished.config.gradcam_layer if finished.config.gradcam_layer in LAYERS else "layer3")
+        self.layer = w.ToggleButtons(options=LAYERS, value=default, description="layer",
+                                     style={"button_width": "70px"})
+        self.alpha = w.FloatSlider(min=0.0, max=1.0, step=0.05, value=alpha, description="opacity",
+                                   continuous_update=False)
+        self.count = w.HTML()
+        self.caption = w.HTML()
+        self.picture = w.Image(format="png")
+        self.probabilities = w.HTML()
+        self.widget = w.VBox([
+            w.HBox([self.true_class, self.pred_class, self.count]),
+            self.selector,
+            w.HBox([self.layer, self.alpha]),
+            self.caption,
+            w.HBox([self.picture, self.probabilities]),
+        ])
+        self.true_class.observe(self._filter_changed, "value")
+        self.pred_class.observe(self._filter_changed, "value")
+        for control in (self.selector, self.layer, self.alpha):
+            control.observe(lambda _change: self.render(), "value")
+        self._filter_changed()
+
+    # --- state ---------------------------------------------------------------------------------
+    @property
+    def current(self) -> int | None:
+        """The selected mistake's position in the test images, or None when the filter leaves none."""
+        if not len(self.mistakes):
+            return None
+        return int(self.mistakes.positions[self.selector.value])
+
+    def _filter_changed(self, _change=None) -> None:
+        self.mistakes = self.finished.mistakes(*(None if c.value == ANY else c.value
+                                                 for c in (self.true_class, self.pred_class)))
+        n = len(self.mistakes)
+        with self.selector.hold_trait_notifications():
+            self.selector.value = 0
+            self.selector.max = max(n - 1, 0)
+        self.selector.disabled = n <= 1
+        total = int((self.finished.preds != self.finished.labels).sum())
+        self.count.value = f"{n} of {total} mistakes"
+        self.render()
+
+    def heatmaps(self, position: int, layer: str) -> torch.Tensor:
+        """Grad-CAM maps (2, 32, 32) of one test image: for the predicted class, then the true class."""
+        key = (position, layer)
+        if key not in self._cams:
+            finished = self.finished
+            image = finished.images[position : position + 1].to(finished.device)
+            x = test_transforms()(image).expand(2, -1, -1, -1)
+            targets = torch.stack([finished.preds[position], finished.labels[position]]).to(finished.device)
+            with GradCAM(finished.model, layer) as cam:
+                self._cams[key] = cam(x, targets).cpu()
+        return self._cams[key]
+
+    # --- drawing -------------------------------------------------------------------------------
+    def render(self) -> None:
+        position = self.current
+        if position is None:
+            self.caption.value = "<b>No mistakes with this true and predicted class.</b>"
+            self.picture.value = b""
+            self.probabilities.value = ""
+            return
+        finished = self.finished
+        label, pred = int(finished.labels[position]), int(finished.preds[position])
+        self.picture.value = self.png(position)
+        self.caption.value = (
+            f"test image {position}: <b>true {CLASSES[label]}</b>, <b>predicted {CLASSES[pred]}</b> "
+            f"({100 * float(finished.probs[position, pred]):.1f}%). Panels: the image; Grad-CAM "
+            f"({html.escape(self.layer.value)}) for <i>{CLASSES[pred]}</i> (predicted); for <i>{CLASSES[label]}</i> (true).")
+        top = finished.probs[position].topk(3)
+        rows = "".join(
+            f"<tr><td>{CLASSES[c]}{' (true)' if c == label else ''}</td><td style='text-align:right'>{100 * p:.1f}%</td>"
+            f"<td><div style='background:#4c72b0;height:10px;width:{int(round(120 * p))}px'></div></td></tr>"
+            for p, c in zip(top.values.tolist(), top.indices.tolist()))
+        self.probabilities.value = f"<table><tr><th colspan=3>top 3</th></tr>{rows}</table>"
+
+    def png(self, position: int) -> bytes:
+        """The three panels of one mistake as PNG bytes, each scaled up `scale` times."""
+        image = self.finished.images[position]
+        cams = self.heatmaps(position, self.layer.value)
+        panels = [image.permute(1, 2, 0).numpy() / 255.0] + [overlay(image, cam, self.alpha.value) for cam in cams]
+        gap = np.ones((32, 2, 3))
+        strip = np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1)
+        return _to_png(strip.repeat(self.scale, 0).repeat(self.scale, 1))
+
+    def figure(self, count: int = 6):
+        """A static figure of the first `count` mistakes shown: image, Grad-CAM predicted, Grad-CAM true."""
+        from s11lib.utils.misclassified import plot_image_grid
+
+        finished, panels, titles = self.finished, [], []
+        for position in self.mistakes.positions[:count].tolist():
+            label, pred = int(finished.labels[position]), int(finished.preds[position])
+            image = finished.images[position]
+            cams = self.heatmaps(position, self.layer.value)
+            panels += [image, overlay(image, cams[0], self.alpha.value), overlay(image, cams[1], self.alpha.value)]
+            titles += [f"#{position}: true {CLASSES[label]}", f"CAM: {CLASSES[pred]} (pred, "
+                       f"{100 * float(finished.probs[position, pred]):.0f}%)", f"CAM: {CLASSES[label]} (true)"]
+        return plot_image_grid(panels, titles, ncols=3, suptitle=f"Grad-CAM ({self.layer.value}), most confident "
+                               "mistakes first")
+
+    def snapshot(self):
+        """The current view for a place without widgets (papermill, a static page): an IPython Image."""
+        from IPython.display import Image
+
+        return Image(data=self.picture.value, format="png") if self.picture.value else None
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
