@@ -158,6 +158,7 @@ def run(config: Config) -> RunResult:
               f"torch {torch.__version__}, amp: {amp_dtype or 'off'}")
         print(f"data: {data.train.num_images} training, {held_out}, {data.test.num_images} test images")
         print(f"train transforms: {train_tf}")
+        sys.stdout.flush()  # before the progress bars on stderr: a notebook then shows the two in order
         rows, best_epoch = _train(model, data, optimizer, scheduler, config, device, amp_dtype, out_dir, resumed)
         return explain(model, data, config, device, out_dir, rows, best_epoch)
 

@@ -1,7 +1,15 @@
-"""papermill runs notebooks/train.ipynb on a small subset; every promised file appears, sane."""
+"""The notebooks: papermill runs train.ipynb on a small subset and every promised file appears,
+sane; the nbval references are from the current notebooks; the Colab cell acts only in Colab."""
 import ast
+import io
 import json
+import sys
+import tomllib
+import types
+from contextlib import redirect_stdout
 from pathlib import Path
+
+import nbformat
 
 import numpy as np
 import papermill as pm
@@ -16,7 +24,10 @@ from s11lib.models import resnet18
 from s11lib.run import METRIC_COLUMNS, read_metrics
 from s11lib.transforms import test_transforms
 
-NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "train.ipynb"
+ROOT = Path(__file__).parents[1]
+NOTEBOOK = ROOT / "notebooks" / "train.ipynb"
+NOTEBOOKS = ("train", "explore")
+REFRESH = "S11_CIFAR10_DIR=../shared/datasets/cifar10 .venv/bin/python tests/refresh_notebooks.py"
 
 
 def _parameters_cell() -> dict:
@@ -30,16 +41,92 @@ def _parameters_cell() -> dict:
     return values
 
 
-def test_notebook_parameters_are_the_config_defaults():
+def test_train_parameters_are_the_config_defaults():
     assert _parameters_cell() == Config().to_dict()
     assert Config().epochs == 40
 
 
-def test_notebook_is_stored_without_outputs_or_is_from_a_named_run():
-    cells = json.loads(NOTEBOOK.read_text())["cells"]
-    has_outputs = any(c.get("outputs") for c in cells if c["cell_type"] == "code")
-    first = "".join(cells[0]["source"])
-    assert not has_outputs or "outputs come from" in first
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebooks_are_stored_without_outputs(name):
+    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    nbformat.validate(nb)
+    assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
+
+
+def test_explore_parameters_are_literals():
+    nb = nbformat.read(ROOT / "notebooks" / "explore.ipynb", as_version=4)
+    (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    names = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body}
+    assert names == {"run_dir": "runs/train", "data_dir": None, "device": "auto", "layer": "layer3", "alpha": 0.5,
+                     "static_mistakes": 6}
+
+
+# --- the nbval references (tests/notebooks/) ---------------------------------------------------------
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_stored_outputs_are_from_the_current_notebook(name):
+    """nbval compares outputs with tests/notebooks/NAME.ipynb; this fails when the notebook changed since."""
+    import refresh_notebooks
+
+    source = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    reference = nbformat.read(ROOT / "tests" / "notebooks" / f"{name}.ipynb", as_version=4)
+    injected = [c for c in reference.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    kept = [c for c in reference.cells if c not in injected]
+    stale = f"notebooks/{name}.ipynb changed after its stored outputs were made; refresh them: {REFRESH}"
+    assert [(c.cell_type, c.source) for c in kept] == [(c.cell_type, c.source) for c in source.cells], stale
+    assert [c.source for c in injected] == [refresh_notebooks.parameters_cell(name).source], stale
+    assert all(c.get("outputs") or c.source.startswith("#") or c.cell_type != "code" for c in kept[2:]), \
+        "a reference without outputs compares nothing"
+
+
+# --- Colab --------------------------------------------------------------------------------------------
+def _colab_cell(name: str) -> str:
+    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    first_code = next(c for c in nb.cells if c.cell_type == "code")
+    assert first_code.source.startswith("# Colab only"), "the first code cell is the Colab cell"
+    assert nb.metadata.get("accelerator") == "GPU"  # Colab opens it on a GPU runtime
+    return first_code.source
+
+
+def _repository() -> str:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_colab_cell_does_nothing_outside_colab(name, monkeypatch):
+    import subprocess
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("ran a command outside Colab"))
+    out = io.StringIO()
+    with redirect_stdout(out):
+        exec(_colab_cell(name), {})
+    assert out.getvalue() == ""
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_colab_cell_in_colab_installs_enables_widgets_and_reports_the_gpu(name, monkeypatch):
+    import subprocess
+    commands, enabled = [], []
+    google = types.ModuleType("google")
+    colab = types.ModuleType("google.colab")
+    colab.output = types.SimpleNamespace(enable_custom_widget_manager=lambda: enabled.append(True))
+    google.colab = colab
+    monkeypatch.setitem(sys.modules, "google", google)
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: commands.append((command, kwargs)))
+    out = io.StringIO()
+    with redirect_stdout(out):
+        exec(_colab_cell(name), {})
+    ((command, kwargs),) = commands
+    assert command[1:4] == ["-m", "pip", "install"] and command[-1] == f"s11lib @ git+{_repository()}"
+    assert kwargs == {"check": True} and enabled == [True]
+    assert out.getvalue().startswith("GPU: ")
+
+
+def test_readme_open_in_colab_links_point_at_the_repository():
+    readme = (ROOT / "README.md").read_text()
+    colab = _repository().replace("https://github.com/", "https://colab.research.google.com/github/")
+    for name in NOTEBOOKS:
+        assert f"({colab}/blob/main/notebooks/{name}.ipynb)" in readme
 
 
 @pytest.fixture(scope="module")
