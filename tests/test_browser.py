@@ -63,17 +63,27 @@ def jupyter(tmp_path):
         log.close()
 
 
+def _dismiss_dialogs(page) -> None:
+    """Print, then accept, any modal dialog Jupyter opened (it would swallow the clicks)."""
+    dialog = page.locator(".jp-Dialog")
+    if dialog.count():
+        print("jupyter dialog:", " | ".join(dialog.first.inner_text().split("\n")))
+        dialog.first.locator(".jp-mod-accept").first.click()
+
+
 def _run_all_cells(page) -> None:
     """Run > Run All Cells from the menu, as a user does. A click before the kernel is connected
-    is lost, so try again until a cell shows it ran or is running ("[*]:" or "[1]:")."""
+    is lost, and a dialog Jupyter opens meanwhile swallows clicks, so try again until a cell
+    shows that it ran or is running ("[*]:" or "[1]:")."""
     started = "() => [...document.querySelectorAll('.jp-InputPrompt')].some(p => /\\[(\\*|\\d+)\\]/.test(p.textContent))"
-    for _ in range(6):
-        page.get_by_text("Run", exact=True).first.click()
-        page.get_by_text("Run All Cells", exact=True).click()
+    for _ in range(8):
+        _dismiss_dialogs(page)
         try:
+            page.get_by_text("Run", exact=True).first.click(timeout=5_000)
+            page.get_by_text("Run All Cells", exact=True).click(timeout=5_000)
             page.wait_for_function(started, timeout=10_000)
             return
-        except Exception:  # noqa: BLE001 - playwright's TimeoutError: not connected yet
+        except Exception:  # noqa: BLE001 - playwright's TimeoutError: not connected yet, or a dialog
             page.keyboard.press("Escape")
     pytest.fail("the notebook never started running")
 
@@ -88,8 +98,8 @@ def test_dragging_the_selector_changes_the_heatmap_on_screen(jupyter, learned_ru
 
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1300, "height": 1000})
         try:
-            page = browser.new_page(viewport={"width": 1300, "height": 1000})
             page.goto(f"{url}/notebooks/explore.ipynb?token={token}")
             page.wait_for_selector(".jp-Notebook", timeout=60_000)
             _run_all_cells(page)
@@ -116,8 +126,8 @@ def test_dragging_the_selector_changes_the_heatmap_on_screen(jupyter, learned_ru
             widget = page.locator(".widget-vbox:has(img.widget-image)").first
             widget.scroll_into_view_if_needed()
             widget.screenshot(path=str(tmp_path / "explore-browser.png"))
-            page.screenshot(path=str(tmp_path / "explore-page.png"))
         finally:
+            page.screenshot(path=str(tmp_path / "explore-page.png"))  # also when it failed: what was on screen
             browser.close()
     if os.environ.get("S11_SCREENSHOT_DIR"):
         shutil.copy(tmp_path / "explore-browser.png", Path(os.environ["S11_SCREENSHOT_DIR"]) / "explore-browser.png")
