@@ -38,16 +38,16 @@ class AugmentParams:
 def random_crop(images: torch.Tensor, offsets: torch.Tensor, padding: int) -> torch.Tensor:
     """Zero-pad by `padding` on each side, then take each image's window at its (top, left).
 
-    The same as torchvision's F.crop(F.pad(img, padding), top, left, H, W) per image.
+    The same as torchvision's F.crop(F.pad(img, padding), top, left, H, W) per image. Works on
+    uint8 and float batches alike (cropping the uint8 batch moves a quarter of the bytes).
     """
     n, _, h, w = images.shape
     padded = F.pad(images, (padding, padding, padding, padding))
-    rows = offsets[:, 0, None] + torch.arange(h, device=images.device)  # (N, H)
-    cols = offsets[:, 1, None] + torch.arange(w, device=images.device)  # (N, W)
-    batch = torch.arange(n, device=images.device)[:, None, None]
-    # Advanced indexing over (N, H, W) picks whole channel vectors: (N, H, W, C).
-    windows = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
-    return windows.permute(0, 3, 1, 2).contiguous()
+    # Every (2p+1)^2 window as a view (N, C, 2p+1, 2p+1, H, W); one advanced index picks each
+    # image's own window: a copy of whole 32x32 planes, about twice as fast on the CPU as
+    # gathering rows and columns separately.
+    windows = padded.unfold(2, h, 1).unfold(3, w, 1)
+    return windows[torch.arange(n, device=images.device), :, offsets[:, 0], offsets[:, 1]]
 
 
 def rotate(images: torch.Tensor, angles: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
@@ -148,9 +148,8 @@ class TrainTransform:
     def apply(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         """Apply given parameters: crop, rotate, normalise, cut out."""
         _check_batch(images)
-        x = to_float(images)
-        x = random_crop(x, params.crop_offsets, self.padding)
-        x = rotate(x, params.angles, self.interpolation)
+        x = random_crop(images, params.crop_offsets, self.padding)  # before to_float: on uint8 if given
+        x = rotate(to_float(x), params.angles, self.interpolation)
         x = normalize(x, self.mean, self.std)
         return cutout(x, params.cutout_centers, self.cutout_size, 0.0)
 
