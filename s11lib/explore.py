@@ -134,14 +134,17 @@ def per_class_table(finished: FinishedRun) -> str:
 
 def summary(finished: FinishedRun) -> str:
     """The run in a few lines: epochs, best epoch, the last and the best epoch's metrics."""
-    last, best = finished.rows[-1], finished.rows[finished.best_epoch - 1]
-    val = lambda r: f"val {r['val_acc']:.2f}%, " if r.get("val_acc") is not None else ""  # noqa: E731
+    def accuracies(row: dict) -> str:
+        val = f"val {row['val_acc']:.2f}%, " if row.get("val_acc") is not None else ""
+        return f"train {row['train_acc']:.2f}%, {val}test {row['test_acc']:.2f}%"
+
+    right = float((finished.preds == finished.labels).float().mean())
     return "\n".join([
         f"run: {len(finished.rows)} of {finished.config.epochs} epochs, best.pt = epoch {finished.best_epoch}",
-        f"last epoch: train {last['train_acc']:.2f}%, {val(last)}test {last['test_acc']:.2f}%",
-        f"best epoch: train {best['train_acc']:.2f}%, {val(best)}test {best['test_acc']:.2f}%",
-        f"best.pt on the {len(finished.labels)} test images: {100.0 * float((finished.preds == finished.labels).float().mean()):.2f}%"
-        f", {int((finished.preds != finished.labels).sum())} misclassified",
+        f"last epoch: {accuracies(finished.rows[-1])}",
+        f"best epoch: {accuracies(finished.rows[finished.best_epoch - 1])}",
+        f"best.pt on the {len(finished.labels)} test images: {100.0 * right:.2f}%, "
+        f"{int((finished.preds != finished.labels).sum())} misclassified",
     ])
 
 
