@@ -18,6 +18,7 @@ import html
 import io
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from s11lib.constants import CLASSES, NUM_CLASSES
 from s11lib.loaders import DeviceLoader, load_cifar10
 from s11lib.models import resnet18
 from s11lib.run import read_metrics, resolve_device
-from s11lib.transforms import test_transforms
+from s11lib.transforms import test_transforms, to_float
 from s11lib.utils.accuracy import confusion_matrix, per_class_accuracy
 from s11lib.utils.gradcam import GradCAM, overlay
 from s11lib.utils.misclassified import Mistakes, find_misclassified
@@ -55,21 +56,26 @@ class FinishedRun:
     labels: torch.Tensor  # (N,)
     logits: torch.Tensor  # (N, 10) best.pt's logits, float32 on the CPU
 
-    @property
+    # Derived once: the browser reads them on every click, the logits never change.
+    @cached_property
     def probs(self) -> torch.Tensor:
         return self.logits.softmax(1)
 
-    @property
+    @cached_property
     def preds(self) -> torch.Tensor:
         return self.logits.argmax(1)
 
-    @property
+    @cached_property
     def confusion(self) -> torch.Tensor:
         return confusion_matrix(self.preds, self.labels, NUM_CLASSES)
 
+    @cached_property
+    def _all_mistakes(self) -> Mistakes:
+        return find_misclassified(self.logits, self.labels, len(self.labels))
+
     def mistakes(self, true_class: int | None = None, pred_class: int | None = None) -> Mistakes:
         """Every misclassified test image, most confident first, optionally of one true/predicted class."""
-        found = find_misclassified(self.logits, self.labels, len(self.labels))
+        found = self._all_mistakes
         keep = torch.ones(len(found), dtype=torch.bool)
         if true_class is not None:
             keep &= found.labels == true_class
@@ -264,7 +270,7 @@ class MistakeBrowser:
         """The three panels of one mistake as PNG bytes, each scaled up `scale` times."""
         image = self.finished.images[position]
         cams = self.heatmaps(position, self.layer.value)
-        panels = [image.permute(1, 2, 0).numpy() / 255.0] + [overlay(image, cam, self.alpha.value) for cam in cams]
+        panels = [to_float(image).permute(1, 2, 0).numpy()] + [overlay(image, cam, self.alpha.value) for cam in cams]
         gap = np.ones((32, 2, 3))
         strip = np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1)
         return _to_png(strip.repeat(self.scale, 0).repeat(self.scale, 1))
