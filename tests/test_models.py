@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from s11lib.models import resnet18
+from s11lib.models import BasicBlock, resnet18
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +86,86 @@ def test_cifar_stem_keeps_32x32_in_layer1(model):
     assert [tuple(shapes[n]) for n in ("layer1", "layer2", "layer3", "layer4")] == [(32, 32), (16, 16), (8, 8), (4, 4)]
 
 
-def test_gradients_reach_every_parameter(model):
-    model.train()
-    model.zero_grad()
-    nn.functional.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([1, 2])).backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+def test_gradients_reach_every_parameter():
+    # With the residual branches zeroed, their convolutions get no gradient on the first step
+    # (the zero scale blocks it) but the zero scales do; after one step every parameter learns.
+    torch.manual_seed(0)
+    model = resnet18(width=8).train()
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(2):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+        silent = {name for name, p in model.named_parameters() if not p.grad.any()}
+        if step == 0:
+            assert silent and all(".conv" in n or ".norm1." in n or n.endswith("norm2.bias") for n in silent)
+            assert not any(n.endswith("norm2.weight") for n in silent)
+        else:
+            assert not silent, silent
+        optimizer.step()
+
+
+# --- initialisation --------------------------------------------------------------------------------
+def _blocks(model):
+    return [m for m in model.modules() if isinstance(m, BasicBlock)]
+
+
+def test_each_block_is_its_shortcut_at_initialisation():
+    """zero_init_residual: the residual branch adds exactly 0, so a block is relu(shortcut(x)),
+    and an identity-shortcut block passes its (non-negative, post-ReLU) input through unchanged."""
+    torch.manual_seed(0)
+    model = resnet18(width=8).train()
+    x = torch.randn(3, 3, 32, 32)
+    inputs = {}
+    handles = [b.register_forward_hook(lambda m, i, o: inputs.__setitem__(m, (i[0], o))) for b in _blocks(model)]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    assert len(inputs) == 8
+    identities = 0
+    for block, (x_in, out) in inputs.items():
+        with torch.no_grad():
+            branch = block.norm2(block.conv2(torch.relu(block.norm1(block.conv1(x_in)))))
+            assert torch.equal(branch, torch.zeros_like(branch))
+            assert torch.equal(out, torch.relu(block.shortcut(x_in)))
+        if len(block.shortcut) == 0:
+            identities += 1
+            assert torch.equal(out, x_in)
+    assert identities == 5  # 8 blocks, 3 of them with a projection shortcut
+
+
+def test_zero_init_residual_is_an_option():
+    on, off = resnet18(width=8), resnet18(width=8, zero_init_residual=False)
+    assert all(torch.equal(b.norm2.weight, torch.zeros(b.norm2.num_channels)) for b in _blocks(on))
+    assert all(torch.equal(b.norm2.weight, torch.ones(b.norm2.num_channels)) for b in _blocks(off))
+    # Only those scales: every other norm starts at scale 1, shift 0.
+    others = [m for m in on.modules() if isinstance(m, nn.GroupNorm) and all(m is not b.norm2 for b in _blocks(on))]
+    assert len(others) == 12 and all(torch.equal(m.weight, torch.ones_like(m.weight)) and
+                                     torch.equal(m.bias, torch.zeros_like(m.bias)) for m in others)
+
+
+@pytest.mark.parametrize("init", ["kaiming", "torch"])
+def test_convolutions_are_initialised_as_named(init):
+    """kaiming: He normal, fan_out, ReLU gain (std sqrt(2 / (k*k*out)), as torchvision's ResNet);
+    torch: PyTorch's Conv2d default, kaiming_uniform(a=sqrt(5)), i.e. std 1 / sqrt(3 * k*k*in)."""
+    torch.manual_seed(0)
+    model = resnet18(init=init)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 20
+    for conv in convs:
+        out_ch, in_ch, kh, kw = conv.weight.shape
+        expected = (2 / (kh * kw * out_ch)) ** 0.5 if init == "kaiming" else (1 / (3 * kh * kw * in_ch)) ** 0.5
+        w = conv.weight.detach()
+        tolerance = 4 / (2 * w.numel()) ** 0.5 + 0.01  # ~4 standard errors of a sample std
+        assert abs(w.std().item() / expected - 1) < tolerance, (conv, w.std().item(), expected)
+        assert abs(w.mean().item()) < 4 * expected / w.numel() ** 0.5
+    normal = init == "kaiming"  # a normal sample exceeds the uniform's bound sqrt(3)*std; a uniform never does
+    big = convs[-3].weight.detach()
+    assert (big.abs().max().item() > 3 ** 0.5 * big.std().item() * 1.05) == normal
+
+
+def test_an_unknown_init_is_refused():
+    with pytest.raises(ValueError, match="init must be one of"):
+        resnet18(width=4, init="xavier")

@@ -10,6 +10,13 @@ pytorch-cifar `models/resnet.py`; the forward pass is split into `forward_featur
 that; `nn.LayerNorm([C, H, W])` would also learn a separate scale per pixel, tying the model to
 one input size. No BatchNorm is used anywhere, so a sample's output never depends on the other
 samples in its batch.
+
+Initialisation is part of the model (`ResNet.init_weights`), as in torchvision and timm: He
+(Kaiming) normal for the convolutions, fan_out, for ReLU; norm scales 1 and shifts 0; and, on by
+default, the last norm scale of every residual branch set to 0 (torchvision's
+`zero_init_residual`, timm's `zero_init_last`), so that each block starts as its shortcut alone
+and the network as a shallow one. Without BatchNorm the first steps lean on this: without it,
+short warm-ups collapsed to chance (docs/recipe.md).
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from torch import nn
 import torch.nn.functional as F
 
 NormLayer = Callable[[int], nn.Module]
+INITS = ("kaiming", "torch")
 
 
 def layer_norm(num_channels: int) -> nn.Module:
@@ -62,6 +70,10 @@ class ResNet(nn.Module):
         norm_layer: a callable that takes a channel count and returns a norm module.
         width: channels of the stem and the first stage (64 in ResNet18; the later stages
             double it each time). Smaller only for quick tests: width 16 costs 1/16 the FLOPs.
+        zero_init_residual: start the last norm scale of each residual branch at 0, so that
+            every block is its shortcut at initialisation.
+        init: "kaiming" (He normal, fan_out, ReLU, for the convolutions) or "torch" (each
+            layer's PyTorch default, kept to reproduce older runs and for the recipe study).
     """
 
     def __init__(
@@ -71,8 +83,12 @@ class ResNet(nn.Module):
         num_classes: int = 10,
         norm_layer: NormLayer = layer_norm,
         width: int = 64,
+        zero_init_residual: bool = True,
+        init: str = "kaiming",
     ):
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.in_planes = width
         self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
         self.norm1 = norm_layer(width)
@@ -81,6 +97,25 @@ class ResNet(nn.Module):
         self.layer3 = self._make_layer(block, width * 4, num_blocks[2], 2, norm_layer)
         self.layer4 = self._make_layer(block, width * 8, num_blocks[3], 2, norm_layer)
         self.linear = nn.Linear(width * 8 * block.expansion, num_classes)
+        self.init_weights(zero_init_residual, init)
+
+    @torch.no_grad()
+    def init_weights(self, zero_init_residual: bool = True, init: str = "kaiming") -> None:
+        """(Re)initialise every layer; see the module docstring. The classifier keeps PyTorch's
+        default (uniform in +-1/sqrt(fan_in)), as in torchvision and timm."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                if init == "kaiming":
+                    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                else:
+                    module.reset_parameters()
+            elif isinstance(module, nn.GroupNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        if zero_init_residual:
+            for module in self.modules():
+                if isinstance(module, BasicBlock):
+                    nn.init.zeros_(module.norm2.weight)
 
     def _make_layer(self, block, planes, num_blocks, stride, norm_layer) -> nn.Sequential:
         layers = []
@@ -105,6 +140,8 @@ class ResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def resnet18(num_classes: int = 10, norm_layer: NormLayer = layer_norm, width: int = 64) -> ResNet:
+def resnet18(num_classes: int = 10, norm_layer: NormLayer = layer_norm, width: int = 64,
+             zero_init_residual: bool = True, init: str = "kaiming") -> ResNet:
     """ResNet18 for CIFAR (11,173,962 parameters at width 64), LayerNorm unless told otherwise."""
-    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes=num_classes, norm_layer=norm_layer, width=width)
+    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes=num_classes, norm_layer=norm_layer, width=width,
+                  zero_init_residual=zero_init_residual, init=init)
