@@ -30,7 +30,8 @@ from s11lib.config import Config
 from s11lib.constants import MEAN, STD
 from s11lib.loaders import DeviceLoader, load_cifar10
 from s11lib.models import resnet18
-from s11lib.run import make_optimizer, resolve_device
+from s11lib.optim import make_optimizer
+from s11lib.run import resolve_device
 from s11lib.transforms import test_transforms, train_transforms
 from s11lib.utils.train_test import evaluate, train_epoch
 

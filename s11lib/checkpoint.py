@@ -8,7 +8,8 @@ again with the same `out_dir` loads it and continues as if it had never stopped;
 result is bit for bit that of an uninterrupted run (tests/test_resume.py).
 
 `best.pt` holds the model weights of the best epoch (no optimizer: it is for explaining, not for
-continuing). The epoch loop writes last.pt, then best.pt, then metrics.csv, each atomically, so a
+continuing); in a run with a weight average (`ema_decay`), the average's weights, which last.pt
+keeps under "ema" beside the raw ones. The epoch loop writes last.pt, then best.pt, then metrics.csv, each atomically, so a
 crash between two of them leaves either files that agree or a best.pt one epoch behind last.pt,
 which `resume_point` repairs from last.pt.
 
@@ -32,7 +33,7 @@ from s11lib.utils import atomic
 
 LAST, BEST = "last.pt", "best.pt"
 BEST_KEYS = frozenset({"model", "epoch", "config", "metrics"})
-LAST_KEYS = BEST_KEYS | {"optimizer", "scheduler", "history", "best", "rng"}
+LAST_KEYS = BEST_KEYS | {"optimizer", "scheduler", "ema", "history", "best", "rng"}
 
 
 class CheckpointError(ValueError):
@@ -64,11 +65,11 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_last(path: Path, model: nn.Module, optimizer, scheduler, epoch: int, config: Config, history: list[dict],
-              best_epoch: int, best_value: float, best_metric: str) -> dict:
-    """Write last.pt (atomically) and return what was written."""
+def save_last(path: Path, model: nn.Module, optimizer, scheduler, average, epoch: int, config: Config,
+              history: list[dict], best_epoch: int, best_value: float, best_metric: str) -> dict:
+    """Write last.pt (atomically) and return what was written. `average`: the WeightAverage, or None."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "epoch": epoch, "config": config.to_dict(), "metrics": dict(history[-1]),
+             "ema": average.state_dict() if average is not None else None, "epoch": epoch, "config": config.to_dict(), "metrics": dict(history[-1]),
              "history": [dict(row) for row in history],
              "best": {"epoch": best_epoch, "value": best_value, "metric": best_metric}, "rng": rng_state()}
     atomic.save_torch(state, path)
@@ -76,8 +77,12 @@ def save_last(path: Path, model: nn.Module, optimizer, scheduler, epoch: int, co
 
 
 def save_best(path: Path, last: dict) -> None:
-    """Write best.pt from a last.pt state: the weights of that epoch, its metrics and config."""
-    atomic.save_torch({key: last[key] for key in BEST_KEYS}, path)
+    """Write best.pt from a last.pt state: the weights of that epoch (the average's, if the run keeps
+    one), its metrics and config."""
+    state = {key: last[key] for key in BEST_KEYS}
+    if last.get("ema") is not None:
+        state["model"] = last["ema"]
+    atomic.save_torch(state, path)
 
 
 def load_checkpoint(path: str | os.PathLike, required=BEST_KEYS, map_location=None) -> dict:
@@ -137,8 +142,9 @@ class ResumePoint:
         return self.last["epoch"]
 
 
-def resume_point(out_dir: Path, config: Config, model: nn.Module, optimizer, scheduler) -> ResumePoint | None:
-    """Load out_dir's last.pt into model, optimizer and scheduler; None when there is none.
+def resume_point(out_dir: Path, config: Config, model: nn.Module, optimizer, scheduler,
+                 average=None) -> ResumePoint | None:
+    """Load out_dir's last.pt into model, optimizer, scheduler and weight average; None when there is none.
 
     Writes nothing: every problem (unloadable file, other settings, more epochs done than asked)
     is raised before the run touches out_dir. Call `restore` afterwards to set the RNGs and
@@ -167,7 +173,9 @@ def resume_point(out_dir: Path, config: Config, model: nn.Module, optimizer, sch
     try:
         optimizer.load_state_dict(last["optimizer"])
         scheduler.load_state_dict(last["scheduler"])
-    except (ValueError, KeyError, TypeError) as e:
+        if average is not None:
+            average.load_state_dict(last["ema"])
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
         raise CheckpointError(f"{path}: optimizer or scheduler state does not fit ({_reason(e)})") from None
     best = last["best"]
     if best_on_disk != best["epoch"] and best["epoch"] != last["epoch"]:  # only the newest can be missing

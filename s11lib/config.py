@@ -8,7 +8,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from s11lib.models.resnet import INITS
+
 PLATEAU_METRICS = ("val_loss", "val_acc")
+# `lr` is the rate for a batch of this many images; other batch sizes scale it linearly
+# (Goyal et al. 2017, "Accurate, Large Minibatch SGD"): the ratio lr / batch, which sets SGD's
+# gradient-noise scale, stays the same, so batch 128 trains at a quarter of the rate of 512.
+LR_REFERENCE_BATCH = 512
 
 
 @dataclass
@@ -23,19 +29,24 @@ class Config:
     # --- optimisation -----------------------------------------------------------------------
     epochs: int = 40
     batch_size: int = 512  # images per step (evaluation uses the same)
-    lr: float = 0.1  # peak SGD learning rate, reached at the end of the warm-up
+    lr: float = 0.1  # peak SGD rate for a batch of 512; the run uses lr * batch_size / 512 (peak_lr)
     momentum: float = 0.9  # Nesterov momentum
-    weight_decay: float = 5e-4  # L2 on every parameter
+    weight_decay: float = 5e-4  # L2 on the convolution and linear weights
+    decay_norm_and_bias: bool = False  # also decay norm scales and shifts and biases (timm and torchvision don't)
     label_smoothing: float = 0.0  # training loss only; reported losses are plain cross-entropy
-    warmup_epochs: int = 2  # linear LR ramp from ~0 to lr, per step; the plateau scheduler starts after
+    warmup_epochs: int = 2  # linear LR ramp from ~0 to peak_lr, per step; 0: none. The plateau scheduler starts after
+    warmup_min_steps: int = 100  # the ramp lasts at least this many steps, however few an epoch has
     plateau_metric: str = "val_acc"  # what ReduceLROnPlateau watches; its mode follows (acc: max, loss: min)
     plateau_factor: float = 0.2  # LR multiplier on a plateau
     plateau_patience: int = 2  # epochs without improvement before the LR drops
     plateau_threshold: float = 1e-3  # relative improvement that counts as one
     min_lr: float = 1e-5  # the LR never drops below this
+    ema_decay: float = 0.0  # 0: off; else an average of the weights, this decay per step, evaluated beside them
     seed: int = 1  # model init, shuffling and augmentation draws (the val split has its own fixed seed)
     # --- model and machine ------------------------------------------------------------------
     width: int = 64  # ResNet18's first-stage channels; smaller only for quick tests
+    zero_init_residual: bool = True  # each residual branch's last norm scale starts at 0 (block = shortcut)
+    init: str = "kaiming"  # conv weights: "kaiming" (He normal, fan_out) or "torch" (PyTorch's layer default)
     device: str = "auto"  # "auto" (cuda when there is one, else cpu), "cpu", "cuda", "cuda:1", ...
     amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU, where bf16 is slower)
     # --- outputs ----------------------------------------------------------------------------
@@ -54,11 +65,14 @@ class Config:
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
+            (self.warmup_min_steps >= 0, f"warmup_min_steps must be >= 0, got {self.warmup_min_steps}"),
+            (self.init in INITS, f"init must be one of {INITS}, got {self.init!r}"),
             (self.val_size >= 0, f"val_size must be >= 0, got {self.val_size}"),
             (self.plateau_metric in PLATEAU_METRICS,
              f"plateau_metric must be one of {PLATEAU_METRICS}, got {self.plateau_metric!r}"),
             (0 < self.plateau_factor < 1, f"plateau_factor must be in (0, 1), got {self.plateau_factor}"),
             (self.plateau_patience >= 0, f"plateau_patience must be >= 0, got {self.plateau_patience}"),
+            (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
             (self.width >= 1, f"width must be at least 1, got {self.width}"),
             (self.num_misclassified >= 1, f"num_misclassified must be at least 1, got {self.num_misclassified}"),
         ]
@@ -68,6 +82,11 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    @property
+    def peak_lr(self) -> float:
+        """The SGD rate this run reaches after its warm-up: `lr` scaled linearly from batch 512."""
+        return self.lr * self.batch_size / LR_REFERENCE_BATCH
 
     @property
     def plateau_mode(self) -> str:

@@ -1,7 +1,6 @@
 """The whole assignment as one function: train the recipe, then explain its mistakes.
 
-    from s11lib import checkpoint
-from s11lib.config import Config
+    from s11lib.config import Config
     from s11lib.run import run
     result = run(Config(data_dir="data", out_dir="runs/train"))
 
@@ -31,10 +30,11 @@ import torch
 from torch import nn
 
 from s11lib import checkpoint
-from s11lib.config import Config
+from s11lib.config import LR_REFERENCE_BATCH, Config
 from s11lib.constants import CLASSES, NUM_CLASSES
 from s11lib.loaders import Loaders, build_loaders
 from s11lib.models import resnet18
+from s11lib.optim import WeightAverage, Warmup, make_optimizer, make_scheduler
 from s11lib.transforms import test_transforms, train_transforms
 from s11lib.utils import atomic
 from s11lib.utils.accuracy import confusion_matrix
@@ -46,7 +46,8 @@ from s11lib.utils.train_test import NonFiniteLossError, evaluate, format_eval, t
 
 OUTPUT_FILES = ("metrics.csv", "last.pt", "best.pt", "config.json", "misclassified.json", "misclassified.png",
                 "gradcam.png", "gradcam.npz", "curves.png", "confusion.png", "test_predictions.npy")
-METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "seconds")
+METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
+                  "ema_val_loss", "ema_val_acc", "ema_test_loss", "ema_test_acc", "seconds")
 
 
 @dataclass
@@ -57,6 +58,9 @@ class RunResult:
     mistakes: Mistakes  # positions index the test set as loaded (before any subset: same order)
     heatmaps: torch.Tensor  # (k, 32, 32) Grad-CAM of the mistakes, in [0, 1]
     test_predictions: np.ndarray  # best model's predicted class for every test image
+    # The training loss of every step this call took (float32); a resumed run's earlier epochs are
+    # not in it. bench/recipe.py reads it for loss spikes and collapses.
+    step_losses: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -107,19 +111,6 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return [{k: (None if v == "" else int(v) if k == "epoch" else float(v)) for k, v in r.items()} for r in rows]
 
 
-def make_optimizer(model: nn.Module, config: Config, device: torch.device) -> torch.optim.Optimizer:
-    # foreach/fused: one kernel launch over all parameters instead of one per tensor.
-    kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0,
-                           weight_decay=config.weight_decay, **kind)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode=config.plateau_mode, factor=config.plateau_factor, patience=config.plateau_patience,
-        threshold=config.plateau_threshold, min_lr=config.min_lr)
-
-
 def run(config: Config) -> RunResult:
     """Train (or continue training), checkpoint, then find and explain the mistakes of the best checkpoint.
 
@@ -130,7 +121,7 @@ def run(config: Config) -> RunResult:
     device = resolve_device(config.device)
     amp_dtype = torch.bfloat16 if (config.amp and device.type == "cuda") else None
     seed_everything(config.seed)
-    model = resnet18(NUM_CLASSES, width=config.width)
+    model = resnet18(NUM_CLASSES, width=config.width, zero_init_residual=config.zero_init_residual, init=config.init)
     resolve_layer(model, config.gradcam_layer)  # an unknown layer fails now, not after 40 epochs
     train_tf, test_tf = train_transforms(), test_transforms()
     data: Loaders = build_loaders(config.data_dir, config.batch_size, device, train_tf, test_tf, config.download,
@@ -138,8 +129,9 @@ def run(config: Config) -> RunResult:
     model = model.to(device)
     optimizer = make_optimizer(model, config, device)
     scheduler = make_scheduler(optimizer, config)
+    average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
     out_dir = Path(config.out_dir)
-    resumed = checkpoint.resume_point(out_dir, config, model, optimizer, scheduler) if config.resume else None
+    resumed = checkpoint.resume_point(out_dir, config, model, optimizer, scheduler, average) if config.resume else None
     _check_writable(out_dir)
     with atomic.exclusive(out_dir):
         atomic.remove_leftovers(out_dir)
@@ -158,22 +150,36 @@ def run(config: Config) -> RunResult:
               f"torch {torch.__version__}, amp: {amp_dtype or 'off'}")
         print(f"data: {data.train.num_images} training, {held_out}, {data.test.num_images} test images")
         print(f"train transforms: {train_tf}")
+        warmup = Warmup.of(config, len(data.train))
+        print(f"SGD: peak lr {config.peak_lr:.4g} (lr {config.lr:g} x batch {config.batch_size} / {LR_REFERENCE_BATCH}), "
+              f"warm-up {warmup.steps} steps, then ReduceLROnPlateau on {_watched(config, data)}")
         sys.stdout.flush()  # before the progress bars on stderr: a notebook then shows the two in order
-        rows, best_epoch = _train(model, data, optimizer, scheduler, config, device, amp_dtype, out_dir, resumed)
-        return explain(model, data, config, device, out_dir, rows, best_epoch)
+        rows, best_epoch, step_losses = _train(model, data, optimizer, scheduler, average, config, device, amp_dtype,
+                                               out_dir, resumed)
+        result = explain(model, data, config, device, out_dir, rows, best_epoch)
+        result.step_losses = step_losses
+        return result
 
 
-def _train(model, data: Loaders, optimizer, scheduler, config: Config, device, amp_dtype, out_dir: Path,
-           resumed: checkpoint.ResumePoint | None) -> tuple[list[dict], int]:
-    """The epoch loop, from the first epoch or from where `resumed` stopped; returns (rows, best epoch)."""
+def _train(model, data: Loaders, optimizer, scheduler, average: WeightAverage | None, config: Config, device,
+           amp_dtype, out_dir: Path, resumed: checkpoint.ResumePoint | None) -> tuple[list[dict], int, torch.Tensor]:
+    """The epoch loop, from the first epoch or from where `resumed` stopped.
+
+    With a weight average, both the weights and their average are evaluated each epoch. The
+    plateau scheduler watches the weights: the rate moves them, and the average trails them by
+    about 1 / (1 - ema_decay) steps, so a plateau would be seen late on it. best.pt is chosen on,
+    and holds, the average: it is the model the run ends up explaining.
+
+    Returns the metrics rows, the best epoch and the loss of every step this call took."""
     train_loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     eval_loss_fn = nn.CrossEntropyLoss()
     steps_per_epoch = len(data.train)
-    warmup_steps = config.warmup_epochs * steps_per_epoch
-    watched = config.plateau_metric if data.val else config.plateau_metric.replace("val_", "test_")
-    select_on = "val_acc" if data.val else "test_acc"
+    warmup = Warmup.of(config, steps_per_epoch)
+    watched = _watched(config, data)
+    select_on = ("ema_" if average else "") + ("val_acc" if data.val else "test_acc")
 
     rows: list[dict] = resumed.rows if resumed else []
+    step_losses = []
     best_epoch, best_acc = (resumed.best_epoch, resumed.best_value) if resumed else (0, -1.0)
     if resumed:
         write_metrics(rows, out_dir / "metrics.csv")  # a crash may have come before it was written
@@ -183,38 +189,56 @@ def _train(model, data: Loaders, optimizer, scheduler, config: Config, device, a
         start = time.perf_counter()
 
         def warm_up(batch: int, epoch=epoch) -> None:
-            step = (epoch - 1) * steps_per_epoch + batch
-            if step < warmup_steps:
-                for group in optimizer.param_groups:
-                    group["lr"] = config.lr * (step + 1) / warmup_steps
+            warmup.apply(optimizer, (epoch - 1) * steps_per_epoch + batch)
 
+        after_warmup = warmup.over_after((epoch - 1) * steps_per_epoch)  # the whole epoch at the plateau's rate
         train = train_epoch(model, data.train, optimizer, train_loss_fn, epoch, device, amp_dtype,
-                            warm_up if warmup_steps else None, config.progress)
+                            None if after_warmup else warm_up, config.progress, average.update if average else None)
+        step_losses.append(train.step_losses)
         val, _ = evaluate(model, data.val, eval_loss_fn, device, amp_dtype) if data.val else (None, None)
         test, _ = evaluate(model, data.test, eval_loss_fn, device, amp_dtype)
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],  # the LR this epoch trained with
                "train_loss": round(train.loss, 6), "train_acc": round(train.accuracy, 4),
-               "val_loss": round(val.loss, 6) if val else None, "val_acc": round(val.accuracy, 4) if val else None,
-               "test_loss": round(test.loss, 6), "test_acc": round(test.accuracy, 4)}
-        if epoch > config.warmup_epochs:
+               **_scores("val", val), **_scores("test", test)}
+        ema_val = ema_test = None
+        if average:
+            ema_val, _ = evaluate(average.module, data.val, eval_loss_fn, device, amp_dtype) if data.val else (None, None)
+            ema_test, _ = evaluate(average.module, data.test, eval_loss_fn, device, amp_dtype)
+        row.update(**_scores("ema_val", ema_val), **_scores("ema_test", ema_test))
+        if after_warmup:
             scheduler.step(row[watched])
         row["seconds"] = round(time.perf_counter() - start, 3)
         rows.append(row)
         if val:
             print(format_eval("Validation", val))
         print(format_eval("Test", test))
+        if average:
+            if data.val:
+                print(format_eval("Validation (weight average)", ema_val))
+            print(format_eval("Test (weight average)", ema_test))
 
         improved = row[select_on] > best_acc
         if improved:
             best_epoch, best_acc = epoch, row[select_on]
         # last.pt first: it alone decides where a resumed run starts (see s11lib/checkpoint.py).
-        last = checkpoint.save_last(out_dir / checkpoint.LAST, model, optimizer, scheduler, epoch, config, rows,
-                                    best_epoch, best_acc, select_on)
+        last = checkpoint.save_last(out_dir / checkpoint.LAST, model, optimizer, scheduler, average, epoch, config,
+                                    rows, best_epoch, best_acc, select_on)
         if improved:
             checkpoint.save_best(out_dir / checkpoint.BEST, last)
         write_metrics(rows, out_dir / "metrics.csv")
     print(f"best checkpoint: epoch {best_epoch} ({select_on} {best_acc:.2f}%)")
-    return rows, best_epoch
+    return rows, best_epoch, torch.cat(step_losses) if step_losses else torch.zeros(0)
+
+
+def _scores(split: str, result) -> dict:
+    """A split's loss and accuracy as metrics.csv columns (None when the split was not evaluated)."""
+    return {f"{split}_loss": round(result.loss, 6) if result else None,
+            f"{split}_acc": round(result.accuracy, 4) if result else None}
+
+
+def _watched(config: Config, data: Loaders) -> str:
+    """The metric ReduceLROnPlateau watches: the validation one, or the test one without a split."""
+    return config.plateau_metric if data.val else config.plateau_metric.replace("val_", "test_")
 
 
 def explain(model: nn.Module, data: Loaders, config: Config, device: torch.device, out_dir: Path,

@@ -138,8 +138,8 @@ def test_crafted_checkpoint_cannot_run_code(small_data, out_dir, tmp_path, name)
         from s11lib.models import resnet18
         model = resnet18(width=4)
         optimizer = run_module.make_optimizer(model, config, torch.device("cpu"))
-        checkpoint.save_last(out_dir / "last.pt", model, optimizer, run_module.make_scheduler(optimizer, config), 1,
-                             config, [{"epoch": 1}], 1, 10.0, "val_acc")
+        checkpoint.save_last(out_dir / "last.pt", model, optimizer, run_module.make_scheduler(optimizer, config), None,
+                             1, config, [{"epoch": 1}], 1, 10.0, "val_acc")
     torch.save({"model": RunsCode(marker), "epoch": 1}, out_dir / name)
     refused(config, f"{name} cannot be loaded safely .*unsupported GLOBAL (posix|os).system")
     assert not marker.exists()
@@ -156,7 +156,7 @@ def test_truncated_checkpoint(small_data, out_dir):
 def test_checkpoint_of_another_run(small_data, out_dir):
     out_dir.mkdir()
     torch.save({"weights": torch.zeros(3)}, out_dir / "last.pt")
-    refused(_config(small_data, out_dir), r"last.pt is not a checkpoint of this s11lib version \(no best, config, epoch")
+    refused(_config(small_data, out_dir), r"last.pt is not a checkpoint of this s11lib version \(no best, config, ema, epoch")
 
 
 # --- the settings ----------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from torch import nn
 from s11lib.config import Config
 from s11lib.loaders import DeviceLoader
 from s11lib.models import resnet18
-from s11lib.run import make_optimizer, read_metrics, run
+from s11lib.optim import make_optimizer
+from s11lib.run import read_metrics, run
 from s11lib.transforms import test_transforms
 from s11lib.utils.train_test import NonFiniteLossError, evaluate, train_epoch
 
@@ -26,12 +27,18 @@ def _tiny_setup(n=64, batch=16):
 def test_train_epoch_equals_a_plain_loop():
     images, labels, model = _tiny_setup()
     reference = copy.deepcopy(model)
-    config = Config(lr=0.05, weight_decay=5e-4)
+    config = Config(lr=0.05, weight_decay=5e-4, batch_size=16)
+    assert config.peak_lr == pytest.approx(0.05 * 16 / 512)
     loader = DeviceLoader(images, labels, 16, test_transforms())
     result = train_epoch(model, loader, make_optimizer(model, config, torch.device("cpu")), nn.CrossEntropyLoss(),
                          1, torch.device("cpu"), progress=False)
 
-    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    # The reference names its no-decay parameters by module type, not by make_optimizer's ndim rule.
+    no_decay = [p for m in reference.modules() if isinstance(m, nn.GroupNorm) for p in m.parameters()]
+    no_decay.append(reference.linear.bias)
+    decay = [p for p in reference.parameters() if all(p is not q for q in no_decay)]
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
+                                lr=config.peak_lr, momentum=0.9, nesterov=True)
     losses, hits = [], 0
     reference.train()
     for start in range(0, 64, 16):
@@ -91,26 +98,63 @@ def test_plateau_lowers_the_lr_inside_the_training_loop(data_dir, tmp_path, metr
     config = _quick(data_dir, tmp_path, epochs=4, lr=1e-6, warmup_epochs=0, plateau_metric=metric,
                     plateau_patience=0, plateau_factor=0.5, min_lr=0)
     rows = run(config).rows
-    lrs = [r["lr"] for r in rows]
-    assert lrs == pytest.approx([1e-6, 1e-6, 5e-7, 2.5e-7])
+    lrs = [r["lr"] / config.peak_lr for r in rows]
+    assert lrs == pytest.approx([1, 1, 0.5, 0.25])
     last = torch.load(tmp_path / "last.pt", weights_only=True)
     assert last["scheduler"]["mode"] == mode == config.plateau_mode
     assert read_metrics(tmp_path / "metrics.csv") == rows
 
 
 def test_patience_waits_before_lowering(data_dir, tmp_path):
-    config = _quick(data_dir, tmp_path, epochs=5, lr=1e-6, warmup_epochs=1, plateau_patience=1,
+    config = _quick(data_dir, tmp_path, epochs=5, lr=1e-6, warmup_epochs=1, warmup_min_steps=0, plateau_patience=1,
                     plateau_metric="val_loss", min_lr=0)
-    lrs = [r["lr"] for r in run(config).rows]
+    lrs = [r["lr"] / config.peak_lr for r in run(config).rows]
     # After epoch 1 (warm-up) no scheduler step; 2 sets the best; 3 is one bad epoch (= patience);
     # 4 is the second, so the LR drops for epoch 5.
-    assert lrs == pytest.approx([1e-6, 1e-6, 1e-6, 1e-6, 2e-7])
+    assert lrs == pytest.approx([1, 1, 1, 1, 0.2])
 
 
-def test_warmup_ramps_the_lr_per_step(data_dir, tmp_path):
-    config = _quick(data_dir, tmp_path, epochs=2, lr=0.01, warmup_epochs=1)
+def _record_step_lrs(monkeypatch) -> list[float]:
+    """The rate of every optimiser step run() takes, read from the optimiser as it steps."""
+    import s11lib.run as run_module
+
+    lrs, make = [], run_module.make_optimizer
+
+    def recording(*args, **kwargs):
+        optimizer = make(*args, **kwargs)
+        optimizer.register_step_pre_hook(lambda opt, *_: lrs.append([g["lr"] for g in opt.param_groups]))
+        return optimizer
+
+    monkeypatch.setattr(run_module, "make_optimizer", recording)
+    return lrs
+
+
+def test_warmup_ramps_the_lr_per_step_to_the_peak(data_dir, tmp_path, monkeypatch):
+    # 2 steps an epoch, warm-up 1 epoch with a floor of 3 steps: steps 1-3 ramp, 4 is at the peak.
+    lrs = _record_step_lrs(monkeypatch)
+    config = _quick(data_dir, tmp_path, epochs=2, lr=0.01, warmup_epochs=1, warmup_min_steps=3, train_subset=96,
+                    val_size=32, batch_size=32)
     rows = run(config).rows
-    assert rows[0]["lr"] == pytest.approx(0.01)  # the ramp ends at the peak LR
+    peak = config.peak_lr
+    assert [lr for group in lrs for lr in group[:1]] == pytest.approx([peak / 3, 2 * peak / 3, peak, peak])
+    assert all(len(set(group)) == 1 for group in lrs)  # both parameter groups at the same rate
+    assert rows[1]["lr"] == pytest.approx(peak)
+
+
+def test_a_short_run_never_reaches_the_peak_in_a_handful_of_steps(data_dir, tmp_path, monkeypatch):
+    # 2 epochs of 2 steps: the epochs alone would ramp over 4 steps; the floor keeps the ramp at 100.
+    lrs = _record_step_lrs(monkeypatch)
+    config = _quick(data_dir, tmp_path, epochs=2, lr=0.1, warmup_epochs=2, warmup_min_steps=100, plateau_patience=0)
+    run(config)
+    assert [group[0] for group in lrs] == pytest.approx([config.peak_lr * k / 100 for k in (1, 2, 3, 4)])
+    # The plateau scheduler is not stepped while the warm-up lasts, even with patience 0.
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["scheduler"]["last_epoch"] == 0
+
+
+def test_the_peak_rate_scales_linearly_with_the_batch():
+    assert Config(lr=0.1, batch_size=512).peak_lr == pytest.approx(0.1)
+    assert Config(lr=0.1, batch_size=128).peak_lr == pytest.approx(0.025)
+    assert Config(lr=0.2, batch_size=1024).peak_lr == pytest.approx(0.4)
 
 
 def test_short_real_run_learns(learned_run, is_real_data):
@@ -127,7 +171,8 @@ def test_checkpoints_load_safely_and_hold_the_run(data_dir, tmp_path):
     result = run(config)
     last = torch.load(tmp_path / "last.pt", weights_only=True)
     best = torch.load(tmp_path / "best.pt", weights_only=True)
-    assert set(last) == {"model", "optimizer", "scheduler", "epoch", "config", "metrics", "history", "best", "rng"}
+    assert set(last) == {"model", "optimizer", "scheduler", "ema", "epoch", "config", "metrics", "history", "best", "rng"}
+    assert last["ema"] is None  # no weight average in this run
     assert set(best) == {"model", "epoch", "config", "metrics"}  # weights to explain, not to continue
     for state in (last, best):
         assert Config.from_dict(state["config"]) == config

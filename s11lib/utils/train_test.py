@@ -26,6 +26,7 @@ class EpochResult:
     loss: float  # mean loss per image
     correct: int
     total: int
+    step_losses: torch.Tensor | None = None  # training only: each step's batch loss (float32, on the CPU)
 
     @property
     def accuracy(self) -> float:
@@ -49,12 +50,14 @@ def train_epoch(
     amp_dtype: torch.dtype | None = None,
     before_step: Callable[[int], None] | None = None,
     progress: bool = True,
+    after_step: Callable[[], None] | None = None,
 ) -> EpochResult:
     """Train one pass over `loader`.
 
     Args:
         epoch: 1-based, for the progress bar and error messages.
         before_step: called with the batch number before each optimizer step (LR warm-up).
+        after_step: called after each optimizer step (the weight average).
         progress: show a tqdm bar with the running loss, accuracy and learning rate.
     """
     model.train()
@@ -63,6 +66,7 @@ def train_epoch(
     correct = torch.zeros((), device=device, dtype=torch.int64)
     first_bad = torch.full((), -1, device=device, dtype=torch.int64)
     seen = 0
+    step_losses = []  # device tensors, read back once at the end
     refresh_every = max(1, num_batches // 10)  # ~10 host reads per epoch for the bar
     bar = tqdm(total=num_batches, desc=f"Epoch {epoch}", disable=not progress, leave=True)
     try:
@@ -75,12 +79,15 @@ def train_epoch(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if after_step is not None:
+                after_step()
             n = len(y)
             seen += n
             loss_det = loss.detach()
             # Remember the first non-finite batch without a host sync.
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_det), batch, first_bad)
             loss_sum += loss_det.double() * n
+            step_losses.append(loss_det)
             correct += correct_count(logits.detach(), y)
             bar.update(1)
             if batch % refresh_every == refresh_every - 1 or batch == num_batches - 1:
@@ -90,7 +97,8 @@ def train_epoch(
     finally:
         bar.close()
     _check_finite(first_bad, epoch)
-    return EpochResult(loss_sum.item() / max(seen, 1), int(correct.item()), seen)
+    losses = torch.stack(step_losses).float().cpu() if step_losses else torch.zeros(0)
+    return EpochResult(loss_sum.item() / max(seen, 1), int(correct.item()), seen, losses)
 
 
 def _check_finite(first_bad: torch.Tensor, epoch: int) -> None:
