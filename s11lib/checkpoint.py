@@ -69,7 +69,8 @@ def save_last(path: Path, model: nn.Module, optimizer, scheduler, average, epoch
               history: list[dict], best_epoch: int, best_value: float, best_metric: str) -> dict:
     """Write last.pt (atomically) and return what was written. `average`: the WeightAverage, or None."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "ema": average.state_dict() if average is not None else None, "epoch": epoch, "config": config.to_dict(), "metrics": dict(history[-1]),
+             "ema": average.state_dict() if average is not None else None, "epoch": epoch,
+             "config": config.to_dict(), "metrics": dict(history[-1]),
              "history": [dict(row) for row in history],
              "best": {"epoch": best_epoch, "value": best_value, "metric": best_metric}, "rng": rng_state()}
     atomic.save_torch(state, path)

@@ -151,7 +151,8 @@ def run(config: Config) -> RunResult:
         print(f"data: {data.train.num_images} training, {held_out}, {data.test.num_images} test images")
         print(f"train transforms: {train_tf}")
         warmup = Warmup.of(config, len(data.train))
-        print(f"SGD: peak lr {config.peak_lr:.4g} (lr {config.lr:g} x batch {config.batch_size} / {LR_REFERENCE_BATCH}), "
+        print(f"SGD: peak lr {config.peak_lr:.4g} (lr {config.lr:g} x batch {config.batch_size} "
+              f"/ {LR_REFERENCE_BATCH}), "
               f"warm-up {warmup.steps} steps, then ReduceLROnPlateau on {_watched(config, data)}")
         sys.stdout.flush()  # before the progress bars on stderr: a notebook then shows the two in order
         rows, best_epoch, step_losses = _train(model, data, optimizer, scheduler, average, config, device, amp_dtype,
@@ -202,8 +203,9 @@ def _train(model, data: Loaders, optimizer, scheduler, average: WeightAverage | 
                **_scores("val", val), **_scores("test", test)}
         ema_val = ema_test = None
         if average:
-            ema_val, _ = evaluate(average.module, data.val, eval_loss_fn, device, amp_dtype) if data.val else (None, None)
             ema_test, _ = evaluate(average.module, data.test, eval_loss_fn, device, amp_dtype)
+            if data.val:
+                ema_val, _ = evaluate(average.module, data.val, eval_loss_fn, device, amp_dtype)
         row.update(**_scores("ema_val", ema_val), **_scores("ema_test", ema_test))
         if after_warmup:
             scheduler.step(row[watched])

@@ -22,9 +22,10 @@ from s11lib.run import OUTPUT_FILES, read_metrics, run
 from s11lib.utils import atomic
 
 CRASH = Path(__file__).with_name("crash.py")
-# 128 training images in batches of 32: 4 steps per epoch, 3 epochs (~5 s a run on 2 CPU cores).
+# 128 training images in batches of 32: 4 steps per epoch, 3 epochs (~5 s a run on 2 CPU cores). No
+# warm-up floor, so that the warm-up ends after epoch 1 and the plateau scheduler acts (and is resumed).
 SETTINGS = dict(download=False, width=8, epochs=3, batch_size=32, train_subset=160, val_size=32, test_subset=64,
-                warmup_epochs=1, lr=0.05, progress=False, num_misclassified=5)
+                warmup_epochs=1, warmup_min_steps=0, lr=0.8, progress=False, num_misclassified=5)
 
 
 def _child(*args: str, killed: bool) -> subprocess.CompletedProcess:
@@ -109,6 +110,18 @@ def test_killed_three_times_then_finishes_as_if_never_killed(data_dir, uninterru
     again = _run_child(data_dir, tmp_path)
     assert f"resuming from {tmp_path / 'last.pt'}: 2 of 3 epochs done" in again.stdout
     assert_same_run(uninterrupted, tmp_path)
+
+
+def test_a_run_with_a_weight_average_resumes_bit_for_bit(data_dir, tmp_path_factory):
+    whole, broken = tmp_path_factory.mktemp("ema-whole"), tmp_path_factory.mktemp("ema-broken")
+    _run_child(data_dir, whole, ema_decay=0.9)
+    _run_child(data_dir, broken, "--kill-after-step", "6", killed=True, ema_decay=0.9)  # mid-epoch 2
+    again = _run_child(data_dir, broken, ema_decay=0.9)
+    assert f"resuming from {broken / 'last.pt'}: 1 of 3 epochs done" in again.stdout
+    assert_same_run(whole, broken)  # the average included: last.pt holds it under "ema"
+    last = torch.load(broken / "last.pt", weights_only=True)
+    assert last["ema"].keys() == last["model"].keys()
+    assert not all(torch.equal(last["ema"][k], last["model"][k]) for k in last["model"])
 
 
 @pytest.fixture(scope="module")

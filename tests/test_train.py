@@ -1,6 +1,7 @@
 """The training loop: same as a plain loop, ReduceLROnPlateau really acts, a short real run learns,
 and checkpoints load safely (bad input: test_bad_input.py; crashes and resume: test_resume.py)."""
 import copy
+import json
 
 import pytest
 import torch
@@ -171,7 +172,8 @@ def test_checkpoints_load_safely_and_hold_the_run(data_dir, tmp_path):
     result = run(config)
     last = torch.load(tmp_path / "last.pt", weights_only=True)
     best = torch.load(tmp_path / "best.pt", weights_only=True)
-    assert set(last) == {"model", "optimizer", "scheduler", "ema", "epoch", "config", "metrics", "history", "best", "rng"}
+    assert set(last) == {"model", "optimizer", "scheduler", "ema", "epoch", "config", "metrics", "history", "best",
+                         "rng"}
     assert last["ema"] is None  # no weight average in this run
     assert set(best) == {"model", "epoch", "config", "metrics"}  # weights to explain, not to continue
     for state in (last, best):
@@ -180,3 +182,18 @@ def test_checkpoints_load_safely_and_hold_the_run(data_dir, tmp_path):
     assert last["epoch"] == 2 and last["history"] == result.rows and last["metrics"] == result.rows[-1]
     assert best["epoch"] == result.best_epoch == last["best"]["epoch"]
     assert best["metrics"] == result.rows[result.best_epoch - 1]
+
+
+def test_with_a_weight_average_best_pt_holds_the_average(data_dir, tmp_path):
+    config = _quick(data_dir, tmp_path, epochs=1, ema_decay=0.5)
+    result = run(config)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert result.best_epoch == 1 and last["best"]["metric"] == "ema_val_acc"
+    assert all(torch.equal(best["model"][k], last["ema"][k]) for k in best["model"])
+    assert not all(torch.equal(best["model"][k], last["model"][k]) for k in best["model"])
+    row = read_metrics(tmp_path / "metrics.csv")[0]
+    assert row["ema_val_acc"] is not None and row["ema_test_acc"] is not None
+    # The figures and mistakes come from best.pt, i.e. from the average: its test accuracy is the row's.
+    explained = json.loads((tmp_path / "misclassified.json").read_text())
+    assert explained["test_accuracy"] == pytest.approx(row["ema_test_acc"], abs=1e-3)

@@ -19,16 +19,19 @@ def _series(rows: list[dict], key: str) -> list[float]:
 
 
 def plot_curves(rows: list[dict]) -> Figure:
-    """Three panels from metrics rows (as in metrics.csv): loss, accuracy (train/val/test), and lr."""
+    """Three panels from metrics rows (as in metrics.csv): loss, accuracy (train/val/test, and the
+    weight average's val/test when the run kept one, dashed), and lr."""
     epochs = [int(r["epoch"]) for r in rows]
     fig = Figure(figsize=(15, 4.2), layout="constrained")
     ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
-    for split, style in (("train", "-o"), ("val", "-s"), ("test", "-^")):
+    series = (("train", "-o", "train"), ("val", "-s", "val"), ("test", "-^", "test"),
+              ("ema_val", "--s", "val, weight average"), ("ema_test", "--^", "test, weight average"))
+    for split, style, label in series:
         loss, acc = _series(rows, f"{split}_loss"), _series(rows, f"{split}_acc")
         if all(math.isnan(v) for v in loss):
-            continue  # no validation split in this run
-        ax_loss.plot(epochs, loss, style, ms=3, label=split)
-        ax_acc.plot(epochs, acc, style, ms=3, label=split)
+            continue  # no validation split, or no weight average, in this run
+        ax_loss.plot(epochs, loss, style, ms=3, label=label)
+        ax_acc.plot(epochs, acc, style, ms=3, label=label)
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy per image")
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="%")
     ax_lr.plot(epochs, _series(rows, "lr"), "-o", ms=3, color="tab:purple")
