@@ -1,15 +1,24 @@
-"""bench/pipelines.py runs (tiny sizes): a benchmark that cannot start is a benchmark nobody reruns.
-It measures nothing here; its figures live in docs/benchmarks.md."""
+"""The benchmark scripts run (tiny sizes): a benchmark that cannot start is a benchmark nobody reruns.
+They measure nothing here; their figures live in docs/benchmarks.md and docs/recipe.md."""
 import importlib.util
+import json
 from pathlib import Path
 
-SCRIPT = Path(__file__).parents[1] / "bench" / "pipelines.py"
+import pytest
+import torch
+
+BENCH = Path(__file__).parents[1] / "bench"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_the_benchmark_runs_and_prints_its_table(data_dir, capsys):
-    spec = importlib.util.spec_from_file_location("pipelines", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load("pipelines")
     code = bench.main(["--data-dir", str(data_dir), "--device", "cpu", "--train-images", "64", "--test-images", "32",
                        "--batch-size", "32", "--width", "4", "--workers", "0", "--epochs", "1", "--aug-passes", "1",
                        "--accuracy-epochs", "1"])
@@ -17,3 +26,70 @@ def test_the_benchmark_runs_and_prints_its_table(data_dir, capsys):
     assert code == 0
     assert "| standard  |" in out and "| s11lib    |" in out and "| ratio     |" in out
     assert "standard: test accuracy after 1 epochs" in out and "s11lib: test accuracy after 1 epochs" in out
+
+
+def test_the_recipe_study_runs_keeps_its_results_and_reuses_them(data_dir, tmp_path, capsys):
+    recipe = _load("recipe")
+    results = tmp_path / "runs.jsonl"
+    args = ["--data-dir", str(data_dir), "--study", "short", "--candidates", "today,base", "--seeds", "0",
+            "--width", "4", "--batch-size", "32", "--train-subset", "96", "--val-size", "32", "--test-subset", "40",
+            "--epochs", "2", "--results", str(results)]
+    assert recipe.main(args) == 0
+    out = capsys.readouterr().out
+    assert "2 runs trained, 0 reused" in out
+    assert out.count("| today |") == 1 and out.count("| base |") == 1
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["candidate"] for r in records] == ["today", "base"]
+    today, base = (r["config"] for r in records)
+    assert (today["init"], today["zero_init_residual"], today["decay_norm_and_bias"]) == ("torch", False, True)
+    assert (base["init"], base["zero_init_residual"], base["decay_norm_and_bias"]) == ("kaiming", True, False)
+    assert all(r["config"]["width"] == 4 and r["config"]["epochs"] == 2 for r in records)
+    assert all(len(r["result"]["first_steps"]) == 2 * 2 for r in records)  # 64 images / 32: 2 steps an epoch
+
+    assert recipe.main(args) == 0  # everything is in the results file: nothing trains again
+    again = capsys.readouterr().out
+    assert "0 runs trained, 2 reused" in again
+    assert again.split("\n\n")[-1] == out.split("\n\n")[-1]  # the same table
+
+
+@pytest.mark.parametrize("candidates, message", [
+    ("base,typo", "unknown recipe 'typo' in 'typo'"),
+    ("base+lr", "'lr' in 'base+lr' is not FIELD=VALUE"),
+    ("base+width=8", "'width=8' in 'base+width=8' is not FIELD=VALUE"),  # the proxy's, not the recipe's
+])
+def test_an_unknown_candidate_is_refused(data_dir, capsys, candidates, message):
+    with pytest.raises(SystemExit):
+        _load("recipe").main(["--data-dir", str(data_dir), "--candidates", candidates])
+    assert message in capsys.readouterr().err
+
+
+def test_a_candidate_is_a_named_recipe_with_fields_changed():
+    recipe = _load("recipe")
+    changed = recipe.recipe_of("base+lr=0.4+zero_init_residual=False+init=torch+warmup_epochs=0")
+    assert changed == {**recipe.RECIPE_BASE, "lr": 0.4, "zero_init_residual": False, "init": "torch",
+                       "warmup_epochs": 0}
+    assert type(changed["lr"]) is float and type(changed["warmup_epochs"]) is int
+    assert recipe.recipe_of("today") == recipe.TODAY and set(recipe.TODAY) == set(recipe.RECIPE_FIELDS)
+    from s11lib.config import Config
+    assert recipe.recipe_of("shipped") == {f: getattr(Config(), f) for f in recipe.RECIPE_FIELDS}
+
+
+def test_spikes_are_steps_well_above_the_recent_median():
+    spikes = _load("recipe").spikes
+    flat = torch.full((50,), 2.0)
+    assert spikes(flat) == (0, 1.0)
+    noisy = 2.0 + 0.1 * torch.sin(torch.arange(60.0))  # +-5%: noise, not spikes
+    assert spikes(noisy)[0] == 0
+    jumped = flat.clone()
+    jumped[30] = 2.6  # 1.3 x the median of the 20 steps before it
+    count, worst = spikes(jumped)
+    assert count == 1 and worst == pytest.approx(1.3)
+    falling = torch.linspace(2.3, 1.0, 40)
+    assert spikes(falling)[0] == 0
+    assert spikes(torch.ones(10)) == (0, 0.0)  # too short to say
+
+
+def test_early_rise_is_the_worst_climb_above_the_first_step():
+    early_rise = _load("recipe").early_rise
+    assert early_rise([2.3, 2.2, 2.0]) == 1.0
+    assert early_rise([2.0, 3.0, 2.3]) == pytest.approx(1.5)
