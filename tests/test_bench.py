@@ -74,6 +74,12 @@ def test_a_candidate_is_a_named_recipe_with_fields_changed():
     assert recipe.recipe_of("shipped") == {f: getattr(Config(), f) for f in recipe.RECIPE_FIELDS}
 
 
+def test_the_shipped_defaults_are_the_recipe_the_study_chose():
+    # docs/recipe.md chose "base+lr=0.8"; a default changed without the study shows up here.
+    recipe = _load("recipe")
+    assert recipe.recipe_of("shipped") == recipe.recipe_of("base+lr=0.8")
+
+
 def test_spikes_are_steps_well_above_the_recent_median():
     spikes = _load("recipe").spikes
     flat = torch.full((50,), 2.0)

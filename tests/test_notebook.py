@@ -134,7 +134,7 @@ def executed(data_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("papermill")
     out_dir = tmp / "run"
     params = dict(data_dir=str(data_dir), out_dir=str(out_dir), download=False, epochs=2, batch_size=32,
-                  train_subset=96, val_size=32, test_subset=100, lr=0.02, warmup_epochs=1)
+                  train_subset=96, val_size=32, test_subset=100)  # the shipped recipe
     nb = pm.execute_notebook(str(NOTEBOOK), str(tmp / "train.ipynb"), parameters=params, kernel_name="python3",
                              progress_bar=False, cwd=str(tmp))
     return nb, out_dir, params

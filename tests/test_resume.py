@@ -201,7 +201,7 @@ def test_a_finished_run_is_not_trained_again(data_dir, tmp_path, monkeypatch):
 def test_a_run_continues_only_with_its_own_settings(data_dir, tmp_path):
     run(_config(data_dir, tmp_path, epochs=2))
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    with pytest.raises(CheckpointError, match=r"holds a run with other settings: lr 0.05 \(now 0.02\).*resume=False"):
+    with pytest.raises(CheckpointError, match=r"holds a run with other settings: lr 0.8 \(now 0.02\).*resume=False"):
         run(_config(data_dir, tmp_path, lr=0.02))
     with pytest.raises(CheckpointError, match="holds 2 epochs, more than epochs=1"):
         run(_config(data_dir, tmp_path, epochs=1))
