@@ -155,15 +155,16 @@ def run(config: Config) -> RunResult:
               f"/ {LR_REFERENCE_BATCH}), "
               f"warm-up {warmup.steps} steps, then ReduceLROnPlateau on {_watched(config, data)}")
         sys.stdout.flush()  # before the progress bars on stderr: a notebook then shows the two in order
-        rows, best_epoch, step_losses = _train(model, data, optimizer, scheduler, average, config, device, amp_dtype,
-                                               out_dir, resumed)
+        rows, best_epoch, step_losses = _train(model, data, optimizer, scheduler, warmup, average, config, device,
+                                               amp_dtype, out_dir, resumed)
         result = explain(model, data, config, device, out_dir, rows, best_epoch)
         result.step_losses = step_losses
         return result
 
 
-def _train(model, data: Loaders, optimizer, scheduler, average: WeightAverage | None, config: Config, device,
-           amp_dtype, out_dir: Path, resumed: checkpoint.ResumePoint | None) -> tuple[list[dict], int, torch.Tensor]:
+def _train(model, data: Loaders, optimizer, scheduler, warmup: Warmup, average: WeightAverage | None, config: Config,
+           device, amp_dtype, out_dir: Path,
+           resumed: checkpoint.ResumePoint | None) -> tuple[list[dict], int, torch.Tensor]:
     """The epoch loop, from the first epoch or from where `resumed` stopped.
 
     With a weight average, both the weights and their average are evaluated each epoch. The
@@ -175,7 +176,6 @@ def _train(model, data: Loaders, optimizer, scheduler, average: WeightAverage | 
     train_loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     eval_loss_fn = nn.CrossEntropyLoss()
     steps_per_epoch = len(data.train)
-    warmup = Warmup.of(config, steps_per_epoch)
     watched = _watched(config, data)
     select_on = ("ema_" if average else "") + ("val_acc" if data.val else "test_acc")
 
