@@ -9,9 +9,9 @@ result is bit for bit that of an uninterrupted run (tests/test_resume.py).
 
 `best.pt` holds the model weights of the best epoch (no optimizer: it is for explaining, not for
 continuing); in a run with a weight average (`ema_decay`), the average's weights, which last.pt
-keeps under "ema" beside the raw ones. The epoch loop writes last.pt, then best.pt, then metrics.csv, each atomically, so a
-crash between two of them leaves either files that agree or a best.pt one epoch behind last.pt,
-which `resume_point` repairs from last.pt.
+keeps under "ema" beside the raw ones. The epoch loop writes last.pt, then best.pt, then
+metrics.csv, each atomically, so a crash between two of them leaves either files that agree or a
+best.pt one epoch behind last.pt, which `resume_point` repairs from last.pt.
 
 Every checkpoint is read with `torch.load(..., weights_only=True)`: tensors, numbers, strings and
 containers only, so a crafted file cannot run code. Anything unreadable, foreign or from a run
@@ -177,7 +177,8 @@ def resume_point(out_dir: Path, config: Config, model: nn.Module, optimizer, sch
         if average is not None:
             average.load_state_dict(last["ema"])
     except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
-        raise CheckpointError(f"{path}: optimizer or scheduler state does not fit ({_reason(e)})") from None
+        raise CheckpointError(f"{path}: optimizer, scheduler or weight-average state does not fit "
+                              f"({_reason(e)})") from None
     best = last["best"]
     if best_on_disk != best["epoch"] and best["epoch"] != last["epoch"]:  # only the newest can be missing
         raise CheckpointError(f"{out_dir / BEST} holds epoch {best_on_disk}, but {LAST} says the best is epoch "
