@@ -2,7 +2,8 @@
 
     python bench/recipe.py --data-dir ../shared/datasets/cifar10 --study stability
     python bench/recipe.py --data-dir ../shared/datasets/cifar10 --study short --results docs/recipe-runs.jsonl
-    python bench/recipe.py --data-dir ../shared/datasets/cifar10 --study long --candidates "base,base+label_smoothing=0.1"
+    python bench/recipe.py --data-dir ../shared/datasets/cifar10 --study long \
+        --candidates "base,base+label_smoothing=0.1"
 
 Every candidate is a full recipe: RECIPE_BASE with a few fields changed, so a row means the same
 thing whatever the library's defaults are when the study is rerun (`shipped` is the exception:
@@ -27,9 +28,9 @@ proxy, candidate, recipe and seed), so a study that dies part way continues wher
 the table can be reprinted without training. The table: the final epoch's validation accuracy
 and loss (mean over seeds, each seed in brackets), the final test accuracy, the best validation
 accuracy, the weight average's final validation accuracy (runs with ema_decay), the early rise
-(the highest of the first 100 step losses over the first one), the number of loss spikes (a step above SPIKE_RATIO x the median of the SPIKE_WINDOW steps before it) and
-collapses (a final validation accuracy under 15%, or one class taking more than 60% of best.pt's
-test predictions).
+(the highest of the first 100 step losses over the first one), the number of loss spikes (a step
+above SPIKE_RATIO x the median of the SPIKE_WINDOW steps before it) and collapses (a final
+validation accuracy under 15%, or one class taking more than 60% of best.pt's test predictions).
 """
 from __future__ import annotations
 
@@ -77,6 +78,8 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
     "shipped": ("this checkout's Config defaults", {}),
 }
 
+# The fields of a proxy (its shape); the command line can override each one.
+PROXY_FIELDS = ("width", "batch_size", "train_subset", "val_size", "test_subset", "epochs")
 PROXY_SHAPES = {
     "stability": dict(width=32, batch_size=512, train_subset=10_000, val_size=1_000, test_subset=1_000, epochs=4),
     "stability-warm": dict(width=32, batch_size=512, train_subset=10_000, val_size=1_000, test_subset=1_000,
@@ -238,14 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python bench/recipe.py", description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", required=True, help="the folder that holds cifar-10-batches-py/")
     parser.add_argument("--study", choices=sorted(STUDIES), default="short")
-    parser.add_argument("--candidates", help="comma-separated NAME[+FIELD=VALUE...], NAME one of "
-                        f"{', '.join(CANDIDATES)} (default: the study's)")
+    parser.add_argument("--candidates", help="comma-separated NAME[+FIELD=VALUE...] (default: the study's), NAME "
+                        "one of: " + "; ".join(f"{name} ({about})" for name, (about, _) in CANDIDATES.items()))
     parser.add_argument("--seeds", default="0,1", help="comma-separated run seeds (default 0,1)")
     parser.add_argument("--results", type=Path, help="a JSON-lines file: finished runs are appended and reused")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     # Shrinking the proxy (tests, a quick look); a shrunk proxy is another proxy in --results.
-    for name in ("width", "batch_size", "train_subset", "val_size", "test_subset", "epochs"):
+    for name in PROXY_FIELDS:
         parser.add_argument("--" + name.replace("_", "-"), type=int, dest=name, help=f"override the proxy's {name}")
     args = parser.parse_args(argv)
 
@@ -258,8 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(args.threads)
     shape = dict(PROXY_SHAPES[args.study])
-    shape.update({k: getattr(args, k) for k in ("width", "batch_size", "train_subset", "val_size", "test_subset",
-                                                "epochs") if getattr(args, k) is not None})
+    shape.update({k: getattr(args, k) for k in PROXY_FIELDS if getattr(args, k) is not None})
     proxy = f"{args.study}:" + ",".join(f"{k}={v}" for k, v in sorted(shape.items()))
     print(f"proxy {proxy}; torch {torch.__version__} on {args.device} ({args.threads} threads), "
           f"{platform.processor() or platform.machine()}, Python {platform.python_version()}")
