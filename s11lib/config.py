@@ -5,7 +5,14 @@ tests/test_notebook.py checks the two agree, so they cannot drift apart.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import difflib
+import functools
+import inspect
+import io
+import os
+import tokenize
 from dataclasses import dataclass
 
 from s11lib.models.resnet import INITS
@@ -15,6 +22,11 @@ PLATEAU_METRICS = ("val_loss", "val_acc")
 # (Goyal et al. 2017, "Accurate, Large Minibatch SGD"): the ratio lr / batch, which sets SGD's
 # gradient-noise scale, stays the same, so batch 128 trains at a quarter of the rate of 512.
 LR_REFERENCE_BATCH = 512
+
+
+# Config's annotations (strings: `from __future__ import annotations`) as the types they admit.
+_TYPES = {"str": (str,), "bool": (bool,), "int": (int,), "float": (float,), "int | None": (int, None)}
+_TYPE_NAMES = {str: "a string", bool: "True or False", int: "an integer", float: "a number", None: "None"}
 
 
 @dataclass
@@ -27,14 +39,14 @@ class Config:
     val_size: int = 5000  # training images held out for the scheduler and the best checkpoint;
     #                       0 watches the test set instead, as the original assignment did
     # --- optimisation -----------------------------------------------------------------------
-    epochs: int = 40
+    epochs: int = 40  # passes over the training set
     batch_size: int = 512  # images per step (evaluation uses the same)
     lr: float = 0.8  # peak SGD rate for a batch of 512 (docs/recipe.md); the run uses lr * batch_size / 512 (peak_lr)
     momentum: float = 0.9  # Nesterov momentum
     weight_decay: float = 5e-4  # L2 on the convolution and linear weights
     decay_norm_and_bias: bool = False  # also decay norm scales and shifts and biases (timm and torchvision don't)
     label_smoothing: float = 0.0  # training loss only; reported losses are plain cross-entropy
-    warmup_epochs: int = 2  # linear LR ramp from ~0 to peak_lr, per step; 0: none. The plateau scheduler starts after
+    warmup_epochs: int = 2  # linear LR ramp from ~0 to peak_lr, per step; 0: none. The plateau scheduler starts after it
     warmup_min_steps: int = 100  # the ramp lasts at least this many steps, however few an epoch has
     plateau_metric: str = "val_acc"  # what ReduceLROnPlateau watches; its mode follows (acc: max, loss: min)
     plateau_factor: float = 0.2  # LR multiplier on a plateau
@@ -57,6 +69,7 @@ class Config:
     progress: bool = True  # a tqdm bar per epoch
 
     def __post_init__(self) -> None:
+        self._check_types()
         checks = [
             (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
@@ -79,9 +92,29 @@ class Config:
         for subset in ("train_subset", "test_subset"):
             value = getattr(self, subset)
             checks.append((value is None or value >= 1, f"{subset} must be None or at least 1, got {value}"))
+        if self.train_subset is not None and self.val_size >= self.train_subset >= 1:
+            checks.append((False, f"val_size={self.val_size} holds out all of the train_subset={self.train_subset} "
+                                  f"images; pass val_size={self.train_subset // 10} (a tenth) or 0 (watch the test set)"))
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def _check_types(self) -> None:
+        """Each value of its field's type (an int is a float too; a bool is no int): papermill and
+        Python callers pass values as they are, so `epochs="two"` must be a one-line error."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kinds = _TYPES[f.type]
+            if value is None and None in kinds:
+                continue
+            if kinds == (str,) and isinstance(value, os.PathLike):
+                setattr(self, f.name, value := os.fspath(value))  # data_dir=Path("data") is fine
+            if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, value := float(value))  # lr=1 is lr=1.0, in config.json too
+            if not isinstance(value, tuple(k for k in kinds if k is not None)) or \
+                    (isinstance(value, bool) and bool not in kinds):
+                raise ValueError(f"{f.name} must be {' or '.join(_TYPE_NAMES[k] for k in kinds)}, "
+                                 f"got {value!r} ({type(value).__name__})")
 
     @property
     def peak_lr(self) -> float:
@@ -98,15 +131,97 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":
-        """A Config from a dict; an unknown key is an error, not silently ignored."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+        """A Config from a dict; an unknown key is an error naming the closest known one."""
+        check_names(values)
         return cls(**values)
+
+    @classmethod
+    def from_notebook(cls, namespace: dict) -> "Config":
+        """The Config of a notebook's parameters: train.ipynb's `config = Config.from_notebook(globals())`.
+
+        Takes each parameter's value from `namespace`, after checking the names that papermill's
+        injected cell and the notebook's own `parameters` cell assigned (the last run of each, read
+        from IPython's input history `In`): a name that is no parameter, such as a typo passed with
+        `papermill -p epoch 2`, is an error naming the closest parameter, before anything runs.
+        Papermill only warns about such a name, and the run would go on with the default.
+        """
+        check_names(notebook_parameter_names(namespace.get("In", [])))
+        return cls(**{name: namespace[name] for name in field_names() if name in namespace})
 
 
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(Config)]
+
+
+def check_names(names) -> None:
+    """A one-line ValueError for any name that is not a parameter, with the closest parameter's name."""
+    known = field_names()
+    unknown = [name for name in names if name not in known]
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise ValueError(f"unknown parameter {', '.join(hints)}; the parameters are listed by "
+                     "`python -m s11lib.run --help` and in s11lib/config.py")
+
+
+# Papermill's Python translator starts the cell it injects with this line (papermill/translators.py);
+# train.ipynb's own parameters cell starts with a longer comment that begins the same way.
+_INJECTED_HEADER = "# Parameters"
+
+
+def notebook_parameter_names(history: list[str]) -> list[str]:
+    """The names assigned by the last papermill-injected cell and the last run of the parameters cell.
+
+    `history` is IPython's `In`: the source of every cell run so far. Both cells start with a
+    "# Parameters" comment line: papermill's is exactly that, the notebook's says more. Names
+    papermill injects itself on request (PAPERMILL_INPUT_PATH, PAPERMILL_OUTPUT_PATH) are left out.
+    """
+    injected = parameters = None
+    for source in history:
+        first = source.lstrip().split("\n", 1)[0].rstrip()
+        if first == _INJECTED_HEADER:
+            injected = source
+        elif first.startswith(_INJECTED_HEADER):
+            parameters = source
+    names: list[str] = []
+    for source in (parameters, injected):
+        if source is None:
+            continue
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:  # IPython would not have run it; nothing to check
+            continue
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+                if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+            for target in targets:
+                if isinstance(target, ast.Name) and not target.id.startswith("PAPERMILL_") \
+                        and target.id not in names:
+                    names.append(target.id)
+    return names
+
+
+@functools.cache
+def field_help() -> dict[str, str]:
+    """Each parameter's comment in this file's Config, for `--help`: the text after `#` on its
+    line, with any comment lines that continue it (indented past the `#`)."""
+    source = inspect.getsource(Config)
+    lines = source.splitlines()
+    comments = {tok.start[0]: tok.string for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                if tok.type == tokenize.COMMENT}
+    helps = {}
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        line = node.end_lineno
+        text = [comments[line].lstrip("#").strip()] if line in comments else []
+        while line + 1 in comments and lines[line].lstrip().startswith("#  "):  # a continuation line
+            line += 1
+            text.append(comments[line].lstrip("#").strip())
+        helps[node.target.id] = " ".join(text)
+    return helps
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import difflib
 import functools
 import os
 import random
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from s11lib import checkpoint
-from s11lib.config import LR_REFERENCE_BATCH, Config
+from s11lib.config import LR_REFERENCE_BATCH, Config, field_help
 from s11lib.constants import CLASSES, NUM_CLASSES
 from s11lib.loaders import Loaders, build_loaders
 from s11lib.models import resnet18
@@ -304,14 +305,38 @@ def _parse_value(text: str, annotation: str):
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m s11lib.run", description=__doc__.split("\n")[0])
+_METAVARS = {"int": "N", "int | None": "N|none", "float": "X", "bool": "true|false"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other bad input; --help has the usage
+        self.exit(2, f"error: {message}; `{self.prog} --help` lists the options\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m s11lib.run", description=__doc__.split("\n")[0],
+                     usage="%(prog)s [--NAME VALUE ...]", allow_abbrev=False,  # --epoch is not --epochs
+                     epilog="Each option is a parameter of s11lib/config.py; the notebook's papermill parameters "
+                            "have the same names with underscores.")
+    helps = field_help()
     for f in dataclasses.fields(Config):
         parse = functools.partial(_parse_value, annotation=str(f.type))
         parse.__name__ = str(f.type)  # argparse names the type in its errors: "invalid int value"
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default, type=parse,
-                            help=f"{f.type}, default: {f.default}")
-    args = parser.parse_args(argv)
+                            metavar=_METAVARS.get(str(f.type), "TEXT"),
+                            help=f"{helps[f.name]} ({f.type}, default: {f.default})".replace("%", "%%"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        options = [o for action in parser._actions for o in action.option_strings]
+        given = extra[0].split("=", 1)[0]
+        close = difflib.get_close_matches(given, options, n=1, cutoff=0.6) if given.startswith("-") else []
+        parser.error(f"unknown option {given}" + (f" (did you mean {close[0]}?)" if close else "")
+                     if given.startswith("-") else f"unexpected argument {given!r}")
     try:
         run(Config(**vars(args)))
     except ValueError as e:  # bad input: one line, no traceback

@@ -62,7 +62,11 @@ def refused(config: Config, pattern: str) -> str:
 
 def refused_by_cli(args: list[str], pattern: str, out_dir: Path, capsys) -> None:
     """The CLI prints one line, 'error: ...', exits 2, and writes nothing."""
-    assert main(args) == 2
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse's own errors (an unknown option, a value of the wrong type) exit
+        code = e.code
+    assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert re.search(pattern, err), err
@@ -173,9 +177,40 @@ def test_epochs_batch_size_or_lr_not_positive(small_data, out_dir, capsys, optio
                     f"--{option}", value], pattern, out_dir, capsys)
 
 
-def test_unknown_config_key():
-    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['epoch'\]"):
-        Config.from_dict({"epoch": 3})
+def test_unknown_config_key(small_data, out_dir, capsys):
+    # A typo names the closest parameter, in each entry point: a dict (config.json, Python callers),
+    # the CLI (where --epoch is not taken as an abbreviation of --epochs), and a notebook's cells
+    # (tests/test_notebook.py runs the notebook with papermill).
+    with pytest.raises(ValueError, match=r"^unknown parameter 'epoch' \(did you mean 'epochs'\?\), 'zzz';"):
+        Config.from_dict({"epoch": 3, "zzz": 1, "lr": 0.1})
+    refused_by_cli(["--data-dir", str(small_data), "--out-dir", str(out_dir), "--epoch", "2"],
+                   r"unknown option --epoch \(did you mean --epochs\?\)", out_dir, capsys)
+    refused_by_cli(["--data-dir", str(small_data), "--out-dir", str(out_dir), "--batchsize=64"],
+                   r"unknown option --batchsize \(did you mean --batch-size\?\)", out_dir, capsys)
+    refused_by_cli(["--data-dir", str(small_data), "--out-dir", str(out_dir), "--epochs", "two"],
+                   r"argument --epochs: invalid int value: 'two'", out_dir, capsys)
+    # In a notebook: the names its parameters cell and papermill's injected cell assign (IPython's In).
+    history = ["# Parameters (papermill overrides these)\nepochs = 40\nlr = 0.8\n", "x = 1\n",
+               "# Parameters\nepoch = 2\nPAPERMILL_OUTPUT_PATH = 'a.ipynb'\n"]
+    with pytest.raises(ValueError, match=r"^unknown parameter 'epoch' \(did you mean 'epochs'\?\);"):
+        Config.from_notebook({"In": history, "epochs": 40, "lr": 0.8, "epoch": 2, "x": 1})
+    # The notebook's own later variables (x here) are no parameters and are not checked.
+    config = Config.from_notebook({"In": history[:2], "epochs": 3, "x": 1})
+    assert config.epochs == 3 and config.lr == Config().lr
+
+
+def test_parameter_of_the_wrong_type(small_data, out_dir, capsys):
+    # papermill passes -p values as it reads them, and Python callers pass anything: a wrong type is
+    # a one-line error, not a TypeError from deep inside a comparison.
+    for values, message in (({"epochs": "two"}, "epochs must be an integer, got 'two' (str)"),
+                            ({"batch_size": 64.0}, "batch_size must be an integer, got 64.0 (float)"),
+                            ({"download": 1}, "download must be True or False, got 1 (int)"),
+                            ({"train_subset": "all"}, "train_subset must be an integer or None, got 'all' (str)")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            _config(small_data, out_dir, **values)
+    config = _config(small_data, Path(out_dir), lr=1)  # an int is a number; a path is a string
+    assert config.lr == 1.0 and isinstance(config.lr, float) and config.out_dir == str(out_dir)
+    assert not out_dir.exists()
 
 
 def test_unknown_plateau_metric(small_data, out_dir, capsys):
@@ -193,8 +228,14 @@ def test_subset_larger_than_the_data_set(small_data, out_dir, subset, pattern):
     refused(_config(small_data, out_dir, **{subset: 1000}), pattern)
 
 
-def test_validation_split_as_large_as_the_training_set(small_data, out_dir):
-    refused(_config(small_data, out_dir, val_size=100), r"val_size must be in \[0, 100\)")
+def test_validation_split_as_large_as_the_training_set(small_data, out_dir, capsys):
+    refused(_config(small_data, out_dir, val_size=100),
+            r"val_size=100 holds out all of the 100 training images; pass val_size=10 \(a tenth\) or 0")
+    # A subset smaller than the default split (the README's CPU example without --val-size): the
+    # error names what to pass, and comes before the data is read.
+    refused_by_cli(["--data-dir", str(small_data), "--out-dir", str(out_dir), "--train-subset", "80"],
+                   r"val_size=5000 holds out all of the train_subset=80 images; pass val_size=8 \(a tenth\) or 0",
+                   out_dir, capsys)
 
 
 def test_out_dir_under_a_file(small_data, tmp_path):
