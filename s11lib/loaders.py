@@ -153,7 +153,20 @@ def download_cifar10(root: str | os.PathLike, url: str | None = None, md5: str |
     """
     url, md5 = url or URL, md5 or ARCHIVE_MD5
     root = Path(root)
+    created = [folder for folder in (root, *root.parents) if not folder.exists()]  # deepest first
     root.mkdir(parents=True, exist_ok=True)
+    try:
+        return _download_into(root, url, md5)
+    except BaseException:
+        for folder in created:  # a failed download leaves no empty data folder behind
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (something else was put there meanwhile), or gone
+                break
+        raise
+
+
+def _download_into(root: Path, url: str, md5: str) -> Path:
     with tempfile.TemporaryDirectory(dir=root, prefix=".cifar10-download-") as tmp:
         archive = Path(tmp) / "cifar-10-python.tar.gz"
         try:
@@ -167,7 +180,7 @@ def download_cifar10(root: str | os.PathLike, url: str | None = None, md5: str |
             reason = getattr(e, "reason", e)
             raise DatasetError(
                 f"could not download CIFAR-10 from {url} ({reason}); without internet, copy the "
-                f"'{FOLDER}' folder into {root} yourself and run again"
+                f"'{FOLDER}' folder into {root} yourself, or point data_dir at the folder that holds it"
             ) from None
         got = _md5(archive)
         if got != md5:
@@ -297,6 +310,9 @@ def build_loaders(
         train_x, train_y = train_x[:train_subset], train_y[:train_subset]
     if test_subset is not None:
         test_x, test_y = test_x[:test_subset], test_y[:test_subset]
+    if not 0 <= val_size < len(train_x):
+        raise ValueError(f"val_size={val_size} holds out all of the {len(train_x)} training images; "
+                         f"pass val_size={len(train_x) // 10} (a tenth) or 0 (watch the test set)")
     eval_batch_size = eval_batch_size or batch_size
     train_idx, val_idx = split_indices(len(train_x), val_size)
     train = DeviceLoader(train_x[train_idx], train_y[train_idx], batch_size, train_transform, True, device, train_idx,

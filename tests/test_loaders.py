@@ -117,7 +117,7 @@ def test_download_with_wrong_md5_leaves_nothing(server, tmp_path):
     with pytest.raises(DatasetError, match="md5") as e:
         loaders.download_cifar10(root, url=url, md5="0" * 32)
     _one_line(e)
-    assert list(root.iterdir()) == []
+    assert not root.exists()  # the folder it made for the download is gone too
 
 
 def test_download_offline_says_what_to_do(tmp_path):
@@ -125,11 +125,17 @@ def test_download_offline_says_what_to_do(tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    root = tmp_path / "fresh"
+    root = tmp_path / "fresh" / "data"
     with pytest.raises(DatasetError, match="could not download CIFAR-10.*copy the 'cifar-10-batches-py' folder") as e:
         loaders.download_cifar10(root, url=f"http://127.0.0.1:{port}/x.tar.gz")
     assert str(root) in _one_line(e)
-    assert list(root.iterdir()) == []
+    assert not tmp_path.joinpath("fresh").exists()  # no empty data folder left behind, nor its parents
+    # A folder that was there before stays, with what it held.
+    root.mkdir(parents=True)
+    (root / "notes.txt").write_text("mine")
+    with pytest.raises(DatasetError, match="could not download"):
+        loaders.download_cifar10(root, url=f"http://127.0.0.1:{port}/x.tar.gz")
+    assert [p.name for p in root.iterdir()] == ["notes.txt"]
 
 
 # --- splits and loaders --------------------------------------------------------------------------
@@ -155,7 +161,7 @@ def test_build_loaders_subsets_and_indices(data_dir):
 
 @pytest.mark.parametrize("kwargs, message", [({"train_subset": 10**6}, "train_subset must be between 1 and"),
                                              ({"test_subset": 10**6}, "test_subset must be between 1 and"),
-                                             ({"train_subset": 50, "val_size": 50}, "val_size must be in")])
+                                             ({"train_subset": 50, "val_size": 50}, "val_size=50 holds out all of the 50")])
 def test_impossible_subsets_are_errors(data_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):
         build_loaders(data_dir, 32, "cpu", train_transforms(), test_transforms(), **kwargs)
