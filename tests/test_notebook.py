@@ -3,6 +3,7 @@ sane; the nbval references are from the current notebooks; the Colab cell acts o
 import ast
 import io
 import json
+import subprocess
 import sys
 import tomllib
 import types
@@ -131,24 +132,49 @@ def test_readme_open_in_colab_links_point_at_the_repository():
 
 @pytest.fixture(scope="module")
 def executed(data_dir, tmp_path_factory):
+    """The training notebook run as the README's main job runs it: scripts/train.sh's command."""
     tmp = tmp_path_factory.mktemp("papermill")
     out_dir = tmp / "run"
     params = dict(data_dir=str(data_dir), out_dir=str(out_dir), download=False, epochs=2, batch_size=32,
                   train_subset=96, val_size=32, test_subset=100)  # the shipped recipe
-    nb = pm.execute_notebook(str(NOTEBOOK), str(tmp / "train.ipynb"), parameters=params, kernel_name="python3",
-                             progress_bar=False, cwd=str(tmp))
-    return nb, out_dir, params
+    args = [a for name, value in params.items() for a in ("-p", name, str(value))]
+    done = subprocess.run([sys.executable, "-m", "s11lib.notebook", *args], cwd=tmp, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    nb = nbformat.read(out_dir / "train.ipynb", as_version=4)  # the executed notebook lives with its run
+    return nb, out_dir, params, done
+
+
+def test_the_run_shows_on_the_terminal(executed):
+    # papermill alone prints a cell counter; train.sh streams what the notebook prints, as it comes.
+    *_, done = executed
+    assert "Total params: 11,173,962" in done.stdout
+    assert done.stdout.count("Test set: Average loss:") == 3  # two epochs, then best.pt's
+    assert "Epoch 2: 100%" in done.stderr  # the epoch bars
+    assert done.stderr.rstrip().endswith(f"the executed notebook: {executed[1] / 'train.ipynb'}; "
+                                         f"the run's files: {executed[1]}")
+
+
+def test_an_unknown_parameter_stops_papermill_itself(data_dir, tmp_path):
+    # Through papermill's own API (no train.sh): the notebook checks what was injected, and stops
+    # before any training with one line naming the closest parameter. papermill only warns.
+    params = dict(data_dir=str(data_dir), out_dir=str(tmp_path / "run"), download=False, epoch=2)
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        pm.execute_notebook(str(NOTEBOOK), str(tmp_path / "out.ipynb"), parameters=params, kernel_name="python3",
+                            progress_bar=False, cwd=str(tmp_path))
+    assert e.value.ename == "ValueError"
+    assert e.value.evalue.startswith("unknown parameter 'epoch' (did you mean 'epochs'?)")
+    assert not (tmp_path / "run").exists()
 
 
 def test_every_file_appears(executed):
-    _, out_dir, _ = executed
+    _, out_dir, *_ = executed
     expected = {"metrics.csv", "last.pt", "best.pt", "config.json", "misclassified.json", "misclassified.png",
-                "gradcam.png", "gradcam.npz", "curves.png", "confusion.png", "test_predictions.npy"}
+                "gradcam.png", "gradcam.npz", "curves.png", "confusion.png", "test_predictions.npy", "train.ipynb"}
     assert {p.name for p in out_dir.iterdir()} == expected  # and no temporary files left behind
 
 
 def test_metrics_csv(executed):
-    _, out_dir, params = executed
+    _, out_dir, params, _ = executed
     header = (out_dir / "metrics.csv").read_text().splitlines()[0].split(",")
     assert tuple(header) == METRIC_COLUMNS
     rows = read_metrics(out_dir / "metrics.csv")
@@ -159,7 +185,7 @@ def test_metrics_csv(executed):
 
 
 def test_checkpoints(executed):
-    _, out_dir, params = executed
+    _, out_dir, params, _ = executed
     for name, keys in (("best.pt", {"model", "epoch", "config"}), ("last.pt", {"model", "optimizer", "scheduler"})):
         state = torch.load(out_dir / name, weights_only=True)
         assert keys <= set(state)
@@ -168,7 +194,7 @@ def test_checkpoints(executed):
 
 
 def test_misclassified_are_misclassified_by_best_pt(executed, data_dir):
-    _, out_dir, _ = executed
+    _, out_dir, *_ = executed
     report = json.loads((out_dir / "misclassified.json").read_text())
     assert report["checkpoint"] == "best.pt"
     items = report["misclassified"]
@@ -191,7 +217,7 @@ def test_misclassified_are_misclassified_by_best_pt(executed, data_dir):
 
 
 def test_gradcam_npz_is_on_the_same_20(executed):
-    _, out_dir, params = executed
+    _, out_dir, params, _ = executed
     items = json.loads((out_dir / "misclassified.json").read_text())["misclassified"]
     cam = np.load(out_dir / "gradcam.npz")
     assert cam["heatmaps"].shape == (20, 32, 32) and cam["heatmaps"].dtype == np.float32
@@ -203,14 +229,14 @@ def test_gradcam_npz_is_on_the_same_20(executed):
 
 @pytest.mark.parametrize("name", ["misclassified.png", "gradcam.png", "curves.png", "confusion.png"])
 def test_figures_are_real_pictures(executed, name):
-    _, out_dir, _ = executed
+    _, out_dir, *_ = executed
     image = imread(out_dir / name)
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
     assert image[..., :3].std() > 0.05  # not a blank canvas
 
 
 def test_notebook_shows_the_logs_and_pictures(executed):
-    nb, _, _ = executed
+    nb, *_ = executed
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "Total params: 11,173,962" in text
     assert "Test set: Average loss:" in text and "Accuracy:" in text and "Epoch 2" in text

@@ -1,0 +1,171 @@
+"""notebooks/train.ipynb through papermill, as `scripts/train.sh` runs it: papermill's own command
+line, with what a person at a terminal needs on top.
+
+    python -m s11lib.notebook [papermill options]      # e.g. -p epochs 5 -p out_dir runs/short
+
+* **The parameters are checked before a kernel starts.** An unknown name (`-p epoch 2`) is a
+  one-line error naming the closest parameter (papermill itself only warns and runs on with the
+  default), and so is an impossible value.
+* **The executed notebook lives with its run**: `OUT_DIR/train.ipynb`, so runs with different
+  `out_dir`s never overwrite each other's. When one is there already (a run continued after a
+  crash, or run again), it is kept as `train.1.ipynb`, `train.2.ipynb`, ...; an output path
+  given on the command line is used as it is.
+* **The run shows on the terminal**: the notebook's printed output (the model summary, the
+  epoch bars, the test lines) is streamed as it comes, instead of papermill's cell counter.
+* **Errors are one line.** Bad input (the ValueErrors of s11lib: config, data, out_dir,
+  checkpoint) prints `error: ...` and exits 2, leaving nothing behind: the notebook it began
+  and any folder it made are removed again. A diverged run prints its one line and exits 1, and
+  any other failure prints papermill's report with the traceback and exits 1; both keep the
+  executed notebook, which shows where it stopped.
+
+The checks in the notebook itself (`Config.from_notebook`) still stop an unknown parameter
+passed through papermill's own entry points (`papermill` on the command line,
+`papermill.execute_notebook`), a little later: after the kernel has started.
+"""
+from __future__ import annotations
+
+import base64
+import sys
+from pathlib import Path
+
+import click
+import yaml
+from click.core import ParameterSource
+from papermill.cli import _resolve_type
+from papermill.cli import papermill as papermill_command
+from papermill.exceptions import PapermillExecutionError
+from papermill.iorw import NoDatesSafeLoader, read_yaml_file
+
+from s11lib.config import Config, field_names
+from s11lib.utils import atomic
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "train.ipynb"
+PROG = "bash scripts/train.sh"
+# Exceptions the notebook raises for bad input (s11lib raises ValueError and its subclasses for
+# every bad input: README, "What happens when things go wrong").
+BAD_INPUT = ("ValueError", "DatasetError", "CheckpointError")
+DIVERGED = ("NonFiniteLossError",)
+
+
+def parameters_of(params: dict) -> dict:
+    """The parameters papermill will inject, merged from its options the way its command line does
+    (papermill/cli.py): base64, then files, then YAML strings, then -p (typed), then -r (raw)."""
+    merged: dict = {}
+    for text in params["parameters_base64"] or ():
+        merged.update(yaml.load(base64.b64decode(text), Loader=NoDatesSafeLoader) or {})
+    for path in params["parameters_file"] or ():
+        merged.update(read_yaml_file(path) or {})
+    for text in params["parameters_yaml"] or ():
+        merged.update(yaml.load(text, Loader=NoDatesSafeLoader) or {})
+    for name, value in params["parameters"] or ():
+        merged[name] = _resolve_type(value)
+    for name, value in params["parameters_raw"] or ():
+        merged[name] = value
+    return merged
+
+
+def _keep_earlier(notebook: Path) -> Path | None:
+    """Move an executed notebook already at `notebook` to the first free NAME.N.ipynb; return where."""
+    if not notebook.exists():
+        return None
+    n = 1
+    while (kept := notebook.with_name(f"{notebook.stem}.{n}{notebook.suffix}")).exists():
+        n += 1
+    notebook.rename(kept)
+    return kept
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not NOTEBOOK.is_file():
+        print(f"error: {NOTEBOOK} not found; run this from a checkout of the s11lib repository", file=sys.stderr)
+        return 2
+    try:
+        ctx = papermill_command.make_context(PROG, [str(NOTEBOOK), *argv])
+    except click.exceptions.Exit as e:  # --help, --version
+        return e.exit_code
+    except click.ClickException as e:
+        name = getattr(e, "option_name", "").lstrip("-").replace("-", "_")
+        hint = (f"parameters are passed as -p NAME VALUE: -p {name} ..." if name in field_names()
+                else f"`{PROG} --help` lists papermill's options")
+        print(f"error: {e.format_message().rstrip('.')}; {hint}", file=sys.stderr)
+        return 2
+    params = ctx.params
+    if params["help_notebook"]:
+        with ctx:
+            return _invoke(ctx)
+
+    parameters = parameters_of(params)
+    try:  # every name and value, before a kernel starts (the data and out_dir come in the run)
+        config = Config.from_dict({k: v for k, v in parameters.items() if not k.startswith("PAPERMILL_")})
+    except (ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cwd = Path(params["cwd"] or ".")
+    out_dir = cwd / config.out_dir
+    if out_dir.exists() and not out_dir.is_dir():
+        print(f"error: out_dir {out_dir} is a file, not a folder", file=sys.stderr)
+        return 2
+    if out_dir.is_dir():
+        try:  # a second run into the same out_dir would otherwise move the first one's notebook aside
+            with atomic.exclusive(out_dir):
+                pass
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    output = Path(params["output_path"]) if params["output_path"] else out_dir / NOTEBOOK.name
+    created = [p for p in (output.parent, *output.parent.parents) if not p.exists()]  # deepest first
+    output.parent.mkdir(parents=True, exist_ok=True)
+    kept = _keep_earlier(output)
+    params["output_path"] = str(output)
+    for stream, name in ((sys.stdout, "stdout_file"), (sys.stderr, "stderr_file")):
+        if ctx.get_parameter_source(name) is ParameterSource.DEFAULT:
+            params[name] = stream  # the notebook's printed output, as it comes
+    if ctx.get_parameter_source("progress_bar") is ParameterSource.DEFAULT:
+        params["progress_bar"] = False  # papermill's cell counter would cut through the epoch bars
+    if ctx.get_parameter_source("cwd") is ParameterSource.DEFAULT:
+        params["cwd"] = "."  # paths in the parameters are relative to where the command runs
+
+    try:
+        with ctx:
+            code = _invoke(ctx)
+    except PapermillExecutionError as e:
+        if e.ename in BAD_INPUT:
+            output.unlink(missing_ok=True)  # bad input leaves nothing behind
+            if kept:
+                kept.rename(output)
+            for folder in created:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+            print(f"error: {e.evalue}", file=sys.stderr)
+            return 2
+        if e.ename == "KeyboardInterrupt":  # Ctrl-C reaches the kernel too
+            print(f"\ninterrupted; the same command continues the run from {out_dir / 'last.pt'}", file=sys.stderr)
+            return 130
+        if e.ename in DIVERGED:
+            print(f"error: {e.evalue} (the executed notebook: {output})", file=sys.stderr)
+            return 1
+        print(f"{e}\nerror: the notebook failed ({e.ename}); the executed notebook, with this traceback: {output}",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the same command continues the run from {out_dir / 'last.pt'}", file=sys.stderr)
+        return 130
+    if code == 0:
+        print(f"the executed notebook: {output}; the run's files: {out_dir}", file=sys.stderr)
+    return code
+
+
+def _invoke(ctx: click.Context) -> int:
+    try:
+        papermill_command.invoke(ctx)
+    except SystemExit as e:  # papermill exits 138 when the kernel died
+        return e.code if isinstance(e.code, int) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

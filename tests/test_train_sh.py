@@ -1,0 +1,196 @@
+"""The README's quick start as a new user meets it: scripts/train.sh (s11lib/notebook.py), the
+set-up both commands share (scripts/setup-env.sh), the CLI's --help, and the README's commands.
+
+The driver's decisions are checked with papermill's execution replaced by a stand-in (no kernel:
+fast); tests/test_notebook.py runs the real thing end to end, and so does one test here.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from papermill.exceptions import PapermillExecutionError
+
+import s11lib.notebook as driver
+from s11lib.config import field_help, field_names
+from s11lib.run import _parser
+
+ROOT = Path(__file__).parents[1]
+
+
+class FakePapermill:
+    """Stands in for the notebook's execution: records what papermill was asked, writes the notebook
+    it would write, and fails as `fail` says: (exception name, message), as the kernel reports them."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+        self.fail: tuple[str, str] | None = None
+
+    def __call__(self, ctx) -> int:
+        self.calls.append(dict(ctx.params))
+        Path(ctx.params["output_path"]).write_text(f"executed notebook {len(self.calls)}")
+        if self.fail:
+            raise PapermillExecutionError(7, 3, "run(config)", *self.fail, ["traceback"])
+        return 0
+
+
+@pytest.fixture
+def papermill(monkeypatch, tmp_path) -> FakePapermill:
+    fake = FakePapermill()
+    monkeypatch.setattr(driver, "_invoke", fake)
+    monkeypatch.chdir(tmp_path)
+    return fake
+
+
+def test_the_notebook_goes_into_its_run_folder_and_earlier_ones_are_kept(papermill, tmp_path,
+                                                                          capsys):
+    for _ in range(3):  # a run, its continuation after a crash, and a third call (figures redrawn)
+        assert driver.main(["-p", "out_dir", "runs/a", "-p", "epochs", "3"]) == 0
+    run = tmp_path / "runs" / "a"
+    assert {p.name: p.read_text() for p in run.iterdir()} == {
+        "train.ipynb": "executed notebook 3", "train.1.ipynb": "executed notebook 1",
+        "train.2.ipynb": "executed notebook 2"}
+    # Another out_dir never touches the first run's notebook.
+    assert driver.main(["-p", "out_dir", "runs/b"]) == 0
+    assert (tmp_path / "runs" / "b" / "train.ipynb").is_file() and len(list(run.iterdir())) == 3
+    # What papermill was asked: the output streamed to this process's terminal, its cell counter off,
+    # the parameters as given, relative paths from where the command runs.
+    params = papermill.calls[0]
+    assert params["stdout_file"] is sys.stdout and params["stderr_file"] is sys.stderr
+    assert params["progress_bar"] is False and params["cwd"] == "."
+    assert params["parameters"] == (("out_dir", "runs/a"), ("epochs", "3"))
+    assert params["output_path"] == str(Path("runs/a/train.ipynb"))
+    assert "the executed notebook: runs/a/train.ipynb" in capsys.readouterr().err
+
+
+def test_out_dir_from_a_parameters_file_and_an_output_path_given(papermill, tmp_path):
+    # papermill's order: -f files first, then -p; the last word on out_dir decides where the notebook goes.
+    (tmp_path / "smoke.yaml").write_text("out_dir: runs/from-file\nepochs: 2\n")
+    assert driver.main(["-f", "smoke.yaml"]) == 0
+    assert driver.main(["-f", "smoke.yaml", "-p", "out_dir", "runs/from-p"]) == 0
+    assert [c["output_path"] for c in papermill.calls] == [str(Path("runs/from-file/train.ipynb")),
+                                                          str(Path("runs/from-p/train.ipynb"))]
+    # An output path on the command line is taken as it is; so are papermill's own options.
+    assert driver.main(["mine.ipynb", "--progress-bar", "--cwd", "sub"]) == 0
+    assert papermill.calls[-1]["output_path"] == "mine.ipynb" and papermill.calls[-1]["progress_bar"] is True
+    assert papermill.calls[-1]["cwd"] == "sub"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-p", "epoch", "2"], "unknown parameter 'epoch' (did you mean 'epochs'?)"),
+    (["-p", "batchsize", "64", "-p", "lr", "0.4"], "unknown parameter 'batchsize' (did you mean 'batch_size'?)"),
+    (["-y", "ephocs: 2"], "unknown parameter 'ephocs' (did you mean 'epochs'?)"),
+    (["-p", "epochs", "two"], "epochs must be an integer, got 'two' (str)"),
+    (["-p", "train_subset", "2000"], "val_size=5000 holds out all of the train_subset=2000 images; pass val_size=200"),
+    (["--epochs", "2"], "No such option '--epochs'; parameters are passed as -p NAME VALUE: -p epochs ..."),
+    (["--bogus"], "No such option '--bogus'; `bash scripts/train.sh --help` lists papermill's options"),
+])
+def test_bad_input_is_one_line_before_a_kernel_starts(papermill, tmp_path, capsys, args, message):
+    assert driver.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert papermill.calls == [] and list(tmp_path.iterdir()) == []
+
+
+def test_bad_input_found_in_the_run_leaves_nothing_behind(papermill, tmp_path, capsys):
+    # A folder it made is removed again; an earlier run's notebook is put back.
+    args = ["-p", "out_dir", "new/deep/run"]
+    papermill.fail = ("DatasetError", "data: no such folder")
+    assert driver.main(args) == 2
+    assert capsys.readouterr().err == "error: data: no such folder\n"
+    assert list(tmp_path.iterdir()) == []
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "train.ipynb").write_text("the first run's")
+    papermill.fail = ("CheckpointError", "lr differs")
+    assert driver.main(["-p", "out_dir", "old"]) == 2
+    assert [(p.name, p.read_text()) for p in run.iterdir()] == [("train.ipynb", "the first run's")]
+
+
+def test_other_failures_keep_the_notebook_and_say_where(papermill, tmp_path, capsys):
+    papermill.fail = ("NonFiniteLossError", "non-finite loss at epoch 3, batch 7; lower lr")
+    assert driver.main(["-p", "out_dir", "r"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: non-finite loss at epoch 3, batch 7; lower lr (the executed notebook: " \
+                  f"{Path('r/train.ipynb')})\n"
+    papermill.fail = ("RuntimeError", "a bug")
+    assert driver.main(["-p", "out_dir", "r"]) == 1
+    err = capsys.readouterr().err  # a bug: papermill's report with its traceback, then where the notebook is
+    assert "traceback" in err and err.rstrip().endswith(f"with this traceback: {Path('r/train.ipynb')}")
+    papermill.fail = ("KeyboardInterrupt", "")  # Ctrl-C: the kernel gets it too
+    assert driver.main(["-p", "out_dir", "r"]) == 130
+    assert capsys.readouterr().err == f"\ninterrupted; the same command continues the run from {Path('r/last.pt')}\n"
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["train.1.ipynb", "train.2.ipynb", "train.ipynb"]
+
+
+def test_an_out_dir_in_use_is_refused_before_anything_moves(papermill, tmp_path, capsys):
+    import fcntl
+    run = tmp_path / "busy"
+    run.mkdir()
+    (run / "train.ipynb").write_text("the running one's")
+    fd = os.open(run, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running s11lib.run holds
+        assert driver.main(["-p", "out_dir", "busy"]) == 2
+    finally:
+        os.close(fd)
+    assert "another run is writing to busy" in capsys.readouterr().err
+    assert [p.name for p in run.iterdir()] == ["train.ipynb"] and papermill.calls == []
+
+
+def test_offline_without_data_is_one_line_and_leaves_no_folders(tmp_path):
+    # The real thing, kernel and all: the README's first command on a machine without the data and
+    # without internet. The download cannot be tried here (CI may be online), so download=False.
+    done = subprocess.run([sys.executable, "-m", "s11lib.notebook", "-p", "data_dir", "data", "-p", "download",
+                           "False", "-p", "out_dir", "runs/train"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith("error: data/cifar-10-batches-py: no such folder"), done.stderr
+    assert "Traceback" not in done.stderr and "---------" not in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no runs/, no data/
+
+
+# --- the set-up both commands share ----------------------------------------------------------------
+def test_setup_installs_only_when_something_changed(tmp_path):
+    """scripts/setup-env.sh with a stand-in .venv/bin/python that records pip calls."""
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "setup-env.sh").write_text((ROOT / "scripts" / "setup-env.sh").read_text())
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 's11lib'\n")
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    log = tmp_path / "pip.log"
+    (bin_dir / "python").write_text(f"""#!/usr/bin/env bash
+if [ "$1" = -m ] && [ "$2" = pip ]; then echo "$*" >> {log}; exit 0; fi
+if [ "$*" = "-c import s11lib" ]; then [ -e {tmp_path}/importable ]; exit $?; fi
+exec {sys.executable} "$@"
+""")
+    (bin_dir / "python").chmod(0o755)
+    (bin_dir / "activate").write_text("")
+
+    def setup(extras="") -> list[str]:
+        before = log.read_text().splitlines() if log.exists() else []
+        subprocess.run(["bash", "-c", f"S11_EXTRAS={extras} S11_TORCH_INDEX= source scripts/setup-env.sh"],
+                       cwd=tmp_path, check=True, capture_output=True)
+        return log.read_text().splitlines()[len(before):] if log.exists() else []
+
+    (tmp_path / "importable").write_text("")
+    assert setup() == ["-m pip install -q --disable-pip-version-check -e ."]  # the first time
+    assert setup() == []  # nothing changed: no pip at all
+    assert setup("test") == ["-m pip install -q --disable-pip-version-check -e .[test]"]
+    assert setup("test") == [] and setup() == []  # the test install includes the base one
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 's11lib'\nversion = '2'\n")
+    assert len(setup()) == 1  # pyproject.toml changed
+    (tmp_path / "importable").unlink()
+    assert len(setup()) == 1  # s11lib cannot be imported (the checkout moved, say)
+
+
+# --- the CLI ---------------------------------------------------------------------------------------
+def test_cli_help_says_what_each_option_means():
+    text = _parser().format_help()
+    helps = field_help()
+    for name in field_names():
+        assert helps[name], f"{name} has no comment in s11lib/config.py"
+        # argparse wraps lines, at hyphens too: compare without whitespace.
+        assert f"--{name.replace('_', '-')}" in text and "".join(helps[name].split()) in "".join(text.split()), name
+    assert helps["val_size"].endswith("0 watches the test set instead, as the original assignment did")
