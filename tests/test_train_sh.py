@@ -5,6 +5,8 @@ The driver's decisions are checked with papermill's execution replaced by a stan
 fast); tests/test_notebook.py runs the real thing end to end, and so does one test here.
 """
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +15,11 @@ import pytest
 from papermill.exceptions import PapermillExecutionError
 
 import s11lib.notebook as driver
-from s11lib.config import field_help, field_names
+from s11lib.config import Config, field_help, field_names
 from s11lib.run import _parser
 
 ROOT = Path(__file__).parents[1]
+README = (ROOT / "README.md").read_text()
 
 
 class FakePapermill:
@@ -194,3 +197,36 @@ def test_cli_help_says_what_each_option_means():
         # argparse wraps lines, at hyphens too: compare without whitespace.
         assert f"--{name.replace('_', '-')}" in text and "".join(helps[name].split()) in "".join(text.split()), name
     assert helps["val_size"].endswith("0 watches the test set instead, as the original assignment did")
+
+
+# --- the README's commands -------------------------------------------------------------------------
+def _readme_commands(prefix: str) -> list[list[str]]:
+    """Each command starting with `prefix` in the README, in a code block or inline code, without
+    its trailing comment."""
+    found = re.findall(re.escape(prefix) + r"[^`\n]*", README)
+    return [shlex.split(command.split("  #")[0]) for command in found]
+
+
+def test_readme_commands_have_valid_parameters():
+    """Every `bash scripts/train.sh ...` and `python -m s11lib.run ...` in the README passes the
+    checks that come before the data (names, types, values, val_size against train_subset)."""
+    from papermill.cli import _resolve_type
+    commands = _readme_commands("bash scripts/train.sh")
+    assert len(commands) >= 4, commands
+    for command in commands:
+        args = command[2:]
+        assert all(a == "-p" for a in args[::3]), command
+        Config.from_dict({name: _resolve_type(value) for name, value in zip(args[1::3], args[2::3])})
+    (cli,) = [c for c in _readme_commands("python -m s11lib.run --") if "--help" not in c]
+    args, extra = _parser().parse_known_args(cli[3:])
+    assert not extra
+    Config(**vars(args))
+
+
+def test_readme_cpu_smoke_run_is_the_documented_one():
+    # The README quotes its figures; they were measured with exactly this command.
+    (smoke,) = [c for c in _readme_commands("bash scripts/train.sh") if "runs/cpu-smoke" in c]
+    values = dict(zip(smoke[3::3], smoke[4::3]))
+    assert values == {"data_dir": "../shared/datasets/cifar10", "download": "False", "width": "16",
+                      "train_subset": "20000", "val_size": "2000", "test_subset": "2000", "epochs": "8",
+                      "batch_size": "64", "out_dir": "runs/cpu-smoke"}
