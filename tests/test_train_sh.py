@@ -156,7 +156,8 @@ def test_offline_without_data_is_one_line_and_leaves_no_folders(tmp_path):
 
 # --- the set-up both commands share ----------------------------------------------------------------
 def test_setup_installs_only_when_something_changed(tmp_path):
-    """scripts/setup-env.sh with a stand-in .venv/bin/python that records pip calls."""
+    """scripts/setup-env.sh with a stand-in .venv/bin/python that records pip calls; files in the
+    folder say what the stand-in environment can import."""
     (tmp_path / "scripts").mkdir()
     (tmp_path / "scripts" / "setup-env.sh").write_text((ROOT / "scripts" / "setup-env.sh").read_text())
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 's11lib'\n")
@@ -165,27 +166,48 @@ def test_setup_installs_only_when_something_changed(tmp_path):
     log = tmp_path / "pip.log"
     (bin_dir / "python").write_text(f"""#!/usr/bin/env bash
 if [ "$1" = -m ] && [ "$2" = pip ]; then echo "$*" >> {log}; exit 0; fi
-if [ "$*" = "-c import s11lib" ]; then [ -e {tmp_path}/importable ]; exit $?; fi
+case "$2" in
+  "import s11lib") [ -e {tmp_path}/s11lib-imports ]; exit $?;;
+  "import torch, torchvision") [ -e {tmp_path}/torch-imports ]; exit $?;;
+  *"find_spec('torch')"*) [ -e {tmp_path}/torch-installed ]; exit $?;;
+esac
 exec {sys.executable} "$@"
 """)
     (bin_dir / "python").chmod(0o755)
     (bin_dir / "activate").write_text("")
 
-    def setup(extras="") -> list[str]:
+    def setup(extras="", torch_index="") -> list[str]:
         before = log.read_text().splitlines() if log.exists() else []
-        subprocess.run(["bash", "-c", f"S11_EXTRAS={extras} S11_TORCH_INDEX= source scripts/setup-env.sh"],
-                       cwd=tmp_path, check=True, capture_output=True)
+        subprocess.run(["bash", "-c", f"set -e; S11_EXTRAS={extras} S11_TORCH_INDEX={torch_index} "
+                                      "source scripts/setup-env.sh"], cwd=tmp_path, check=True, capture_output=True)
         return log.read_text().splitlines()[len(before):] if log.exists() else []
 
-    (tmp_path / "importable").write_text("")
-    assert setup() == ["-m pip install -q --disable-pip-version-check -e ."]  # the first time
+    for name in ("s11lib-imports", "torch-imports", "torch-installed"):
+        (tmp_path / name).write_text("")
+    install = "-m pip install -q --disable-pip-version-check"
+    assert setup() == [f"{install} -e ."]  # the first time
     assert setup() == []  # nothing changed: no pip at all
-    assert setup("test") == ["-m pip install -q --disable-pip-version-check -e .[test]"]
+    assert setup("test") == [f"{install} -e .[test]"]
     assert setup("test") == [] and setup() == []  # the test install includes the base one
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 's11lib'\nversion = '2'\n")
-    assert len(setup()) == 1  # pyproject.toml changed
-    (tmp_path / "importable").unlink()
-    assert len(setup()) == 1  # s11lib cannot be imported (the checkout moved, say)
+    assert setup() == [f"{install} -e ."]  # pyproject.toml changed
+    (tmp_path / "s11lib-imports").unlink()
+    assert setup() == [f"{install} -e ."]  # s11lib cannot be imported (the checkout moved, say)
+    # A chosen PyTorch index is used only while torch is not installed yet.
+    (tmp_path / "s11lib-imports").write_text("")
+    index = "https://download.pytorch.org/whl/cpu"
+    (tmp_path / ".venv" / ".s11lib-installed").unlink()
+    assert setup(torch_index=index) == [f"{install} -e ."]  # torch is there already: the index is not asked
+    (tmp_path / "torch-installed").unlink()
+    (tmp_path / ".venv" / ".s11lib-installed").unlink()
+    assert setup(torch_index=index) == [f"{install} --index-url {index} torch torchvision", f"{install} -e ."]
+    # torch and torchvision that do not import together stop the set-up, and no stamp is written.
+    (tmp_path / "torch-imports").unlink()
+    (tmp_path / ".venv" / ".s11lib-installed").unlink()
+    with pytest.raises(subprocess.CalledProcessError) as e:
+        setup()
+    assert b"do not import together" in e.value.stderr
+    assert not (tmp_path / ".venv" / ".s11lib-installed").exists()
 
 
 # --- the CLI ---------------------------------------------------------------------------------------
