@@ -17,6 +17,8 @@ line, with what a person at a terminal needs on top.
   and any folder it made are removed again. A diverged run prints its one line and exits 1, and
   any other failure prints papermill's report with the traceback and exits 1; both keep the
   executed notebook, which shows where it stopped.
+* **Ctrl-C and SIGTERM** (`kill`, `timeout`, a job scheduler) shut the kernel down (a SIGTERM to
+  papermill alone would leave it training, orphaned), say how to continue, and exit 130.
 
 The checks in the notebook itself (`Config.from_notebook`) still stop an unknown parameter
 passed through papermill's own entry points (`papermill` on the command line,
@@ -25,6 +27,7 @@ passed through papermill's own entry points (`papermill` on the command line,
 from __future__ import annotations
 
 import base64
+import signal
 import sys
 from pathlib import Path
 
@@ -127,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     if ctx.get_parameter_source("cwd") is ParameterSource.DEFAULT:
         params["cwd"] = "."  # paths in the parameters are relative to where the command runs
 
+    def stop(signum, frame):  # `kill`, a job scheduler, `timeout`: shut the kernel down too, as Ctrl-C does
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         with ctx:
             code = _invoke(ctx)
@@ -154,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted; the same command continues the run from {out_dir / 'last.pt'}", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if code == 0:
         print(f"the executed notebook: {output}; the run's files: {out_dir}", file=sys.stderr)
     return code

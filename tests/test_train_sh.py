@@ -127,6 +127,23 @@ def test_other_failures_keep_the_notebook_and_say_where(papermill, tmp_path, cap
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["train.1.ipynb", "train.2.ipynb", "train.ipynb"]
 
 
+def test_sigterm_stops_like_ctrl_c(papermill, tmp_path, monkeypatch, capsys):
+    # `kill`, `timeout` or a job scheduler: papermill then shuts its kernel down (nbclient's cleanup),
+    # where a plain SIGTERM would leave the kernel training on, orphaned.
+    import signal
+    import time
+
+    def killed(ctx):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+        pytest.fail("SIGTERM did not stop the run")
+    monkeypatch.setattr(driver, "_invoke", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    assert driver.main(["-p", "out_dir", "r"]) == 130
+    assert "interrupted; the same command continues the run from" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # put back
+
+
 def test_an_out_dir_in_use_is_refused_before_anything_moves(papermill, tmp_path, capsys):
     import fcntl
     run = tmp_path / "busy"
