@@ -46,7 +46,7 @@ class Config:
     weight_decay: float = 5e-4  # L2 on the convolution and linear weights
     decay_norm_and_bias: bool = False  # also decay norm scales and shifts and biases (timm and torchvision don't)
     label_smoothing: float = 0.0  # training loss only; reported losses are plain cross-entropy
-    warmup_epochs: int = 2  # linear LR ramp from ~0 to peak_lr, per step; 0: none. The plateau scheduler starts after it
+    warmup_epochs: int = 2  # linear LR ramp from ~0 to peak_lr, per step; 0: none. ReduceLROnPlateau starts after it
     warmup_min_steps: int = 100  # the ramp lasts at least this many steps, however few an epoch has
     plateau_metric: str = "val_acc"  # what ReduceLROnPlateau watches; its mode follows (acc: max, loss: min)
     plateau_factor: float = 0.2  # LR multiplier on a plateau
@@ -94,7 +94,8 @@ class Config:
             checks.append((value is None or value >= 1, f"{subset} must be None or at least 1, got {value}"))
         if self.train_subset is not None and self.val_size >= self.train_subset >= 1:
             checks.append((False, f"val_size={self.val_size} holds out all of the train_subset={self.train_subset} "
-                                  f"images; pass val_size={self.train_subset // 10} (a tenth) or 0 (watch the test set)"))
+                                  f"images; pass val_size={self.train_subset // 10} (a tenth) "
+                                  "or 0 (watch the test set)"))
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
