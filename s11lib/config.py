@@ -92,10 +92,9 @@ class Config:
         for subset in ("train_subset", "test_subset"):
             value = getattr(self, subset)
             checks.append((value is None or value >= 1, f"{subset} must be None or at least 1, got {value}"))
-        if self.train_subset is not None and self.val_size >= self.train_subset >= 1:
-            checks.append((False, f"val_size={self.val_size} holds out all of the train_subset={self.train_subset} "
-                                  f"images; pass val_size={self.train_subset // 10} (a tenth) "
-                                  "or 0 (watch the test set)"))
+        if self.train_subset is not None and self.train_subset >= 1:  # the full set's size is the data's
+            checks.append((self.val_size < self.train_subset, val_size_error(
+                self.val_size, self.train_subset, f"the train_subset={self.train_subset} images")))
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
@@ -152,6 +151,12 @@ class Config:
 
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(Config)]
+
+
+def val_size_error(val_size: int, images: int, held_out_of: str) -> str:
+    """The error for a validation split that holds out every training image, with what to pass."""
+    return (f"val_size={val_size} holds out all of {held_out_of}; pass val_size={images // 10} (a tenth) "
+            "or 0 (watch the test set)")
 
 
 def check_names(names) -> None:

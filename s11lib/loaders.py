@@ -31,7 +31,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from s11lib.config import val_size_error
 from s11lib.constants import IMAGE_SHAPE, NUM_CLASSES
+from s11lib.utils import atomic
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"  # of the official archive
@@ -153,16 +155,11 @@ def download_cifar10(root: str | os.PathLike, url: str | None = None, md5: str |
     """
     url, md5 = url or URL, md5 or ARCHIVE_MD5
     root = Path(root)
-    created = [folder for folder in (root, *root.parents) if not folder.exists()]  # deepest first
-    root.mkdir(parents=True, exist_ok=True)
+    made = atomic.make_folder(root)
     try:
         return _download_into(root, url, md5)
     except BaseException:
-        for folder in created:  # a failed download leaves no empty data folder behind
-            try:
-                folder.rmdir()
-            except OSError:  # not empty (something else was put there meanwhile), or gone
-                break
+        atomic.remove_made(made)  # a failed download leaves no empty data folder behind
         raise
 
 
@@ -311,8 +308,7 @@ def build_loaders(
     if test_subset is not None:
         test_x, test_y = test_x[:test_subset], test_y[:test_subset]
     if not 0 <= val_size < len(train_x):
-        raise ValueError(f"val_size={val_size} holds out all of the {len(train_x)} training images; "
-                         f"pass val_size={len(train_x) // 10} (a tenth) or 0 (watch the test set)")
+        raise ValueError(val_size_error(val_size, len(train_x), f"the {len(train_x)} training images"))
     eval_batch_size = eval_batch_size or batch_size
     train_idx, val_idx = split_indices(len(train_x), val_size)
     train = DeviceLoader(train_x[train_idx], train_y[train_idx], batch_size, train_transform, True, device, train_idx,

@@ -118,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     output = Path(params["output_path"]) if params["output_path"] else out_dir / NOTEBOOK.name
-    created = [p for p in (output.parent, *output.parent.parents) if not p.exists()]  # deepest first
-    output.parent.mkdir(parents=True, exist_ok=True)
+    made = atomic.make_folder(output.parent)
     kept = _keep_earlier(output)
     params["output_path"] = str(output)
     for stream, name in ((sys.stdout, "stdout_file"), (sys.stderr, "stderr_file")):
@@ -141,11 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             output.unlink(missing_ok=True)  # bad input leaves nothing behind
             if kept:
                 kept.rename(output)
-            for folder in created:
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
+            atomic.remove_made(made)
             print(f"error: {e.evalue}", file=sys.stderr)
             return 2
         if e.ename == "KeyboardInterrupt":  # Ctrl-C reaches the kernel too

@@ -5,7 +5,8 @@ atomic), flushes it to disk and `os.replace`s it over the target. On any error t
 file is removed and the target is untouched; after a SIGKILL it stays behind as `.NAME.*.tmp`,
 never as NAME, and `remove_leftovers` clears it on the next run.
 
-`exclusive` keeps two runs from writing into one folder at once.
+`exclusive` keeps two runs from writing into one folder at once. `make_folder` and `remove_made`
+let a step that fails take back the empty folders it made (a failed download, a refused run).
 """
 from __future__ import annotations
 
@@ -64,6 +65,24 @@ def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
     """Save a matplotlib figure as PNG atomically."""
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", **kwargs)
+
+
+def make_folder(folder: str | os.PathLike) -> list[Path]:
+    """`mkdir -p folder`; returns the folders this made, deepest first, for `remove_made`."""
+    folder = Path(folder)
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def remove_made(made: list[Path]) -> None:
+    """Remove the folders `make_folder` made, deepest first, as long as they are empty: nothing that
+    was put there meanwhile is touched."""
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or gone
+            break
 
 
 def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
