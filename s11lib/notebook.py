@@ -39,15 +39,18 @@ from papermill.cli import papermill as papermill_command
 from papermill.exceptions import PapermillExecutionError
 from papermill.iorw import NoDatesSafeLoader, read_yaml_file
 
+from s11lib.checkpoint import CheckpointError
 from s11lib.config import Config, field_names
+from s11lib.loaders import DatasetError
 from s11lib.utils import atomic
+from s11lib.utils.train_test import NonFiniteLossError
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "train.ipynb"
 PROG = "bash scripts/train.sh"
-# Exceptions the notebook raises for bad input (s11lib raises ValueError and its subclasses for
-# every bad input: README, "What happens when things go wrong").
-BAD_INPUT = ("ValueError", "DatasetError", "CheckpointError")
-DIVERGED = ("NonFiniteLossError",)
+# The kernel reports an exception by its class name. s11lib raises ValueError and its subclasses
+# for every bad input (README, "What happens when things go wrong"), as the CLI assumes too.
+BAD_INPUT = tuple(error.__name__ for error in (ValueError, DatasetError, CheckpointError))
+DIVERGED = (NonFiniteLossError.__name__,)
 
 
 def parameters_of(params: dict) -> dict:
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parameters = parameters_of(params)
     try:  # every name and value, before a kernel starts (the data and out_dir come in the run)
         config = Config.from_dict({k: v for k, v in parameters.items() if not k.startswith("PAPERMILL_")})
-    except (ValueError, TypeError) as e:
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cwd = Path(params["cwd"] or ".")
@@ -129,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     if ctx.get_parameter_source("cwd") is ParameterSource.DEFAULT:
         params["cwd"] = "."  # paths in the parameters are relative to where the command runs
 
+    interrupted = f"\ninterrupted; the same command continues the run from {out_dir / 'last.pt'}"
+
     def stop(signum, frame):  # `kill`, a job scheduler, `timeout`: shut the kernel down too, as Ctrl-C does
         raise KeyboardInterrupt
     previous = signal.signal(signal.SIGTERM, stop)
@@ -144,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e.evalue}", file=sys.stderr)
             return 2
         if e.ename == "KeyboardInterrupt":  # Ctrl-C reaches the kernel too
-            print(f"\ninterrupted; the same command continues the run from {out_dir / 'last.pt'}", file=sys.stderr)
+            print(interrupted, file=sys.stderr)
             return 130
         if e.ename in DIVERGED:
             print(f"error: {e.evalue} (the executed notebook: {output})", file=sys.stderr)
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\ninterrupted; the same command continues the run from {out_dir / 'last.pt'}", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
