@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from s11lib.models import BasicBlock, resnet18
+from s11lib.models import BasicBlock, layer_norm, resnet18
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +169,34 @@ def test_convolutions_are_initialised_as_named(init):
 def test_an_unknown_init_is_refused():
     with pytest.raises(ValueError, match="init must be one of"):
         resnet18(width=4, init="xavier")
+
+
+# --- under autocast ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_norms_keep_the_autocast_dtype_and_the_model_stays_close_to_fp32(dtype):
+    # Autocast runs group_norm in fp32 and returns fp32: ReLU, the residual add and the next
+    # convolution's input cast would all move fp32 tensors. AutocastGroupNorm returns the autocast dtype.
+    torch.manual_seed(0)
+    model = resnet18(width=8, zero_init_residual=False).eval()  # zero-init would hide the branches' error
+    x = torch.randn(4, 3, 32, 32)
+    outputs = []
+    model.norm1.register_forward_hook(lambda module, args, output: outputs.append(output.dtype))
+    with torch.no_grad():
+        reference = model(x)
+        with torch.autocast("cpu", dtype=dtype):
+            low = model(x)
+    assert outputs == [torch.float32, dtype]
+    # Relative to the logits' spread: bf16 keeps 8 bits of mantissa (~0.4%), fp16 11.
+    spread = reference.std().item()
+    assert (low.float() - reference).abs().max().item() <= (0.05 if dtype == torch.bfloat16 else 0.01) * spread
+
+
+def test_outside_autocast_the_norm_is_group_norm_exactly():
+    torch.manual_seed(0)
+    norm = layer_norm(8)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    x = torch.randn(2, 8, 5, 5)
+    reference = nn.GroupNorm(1, 8)
+    reference.load_state_dict(norm.state_dict())
+    assert torch.equal(norm(x), reference(x))

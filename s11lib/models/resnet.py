@@ -30,9 +30,28 @@ NormLayer = Callable[[int], nn.Module]
 INITS = ("kaiming", "torch")
 
 
+class AutocastGroupNorm(nn.GroupNorm):
+    """nn.GroupNorm whose output keeps autocast's dtype.
+
+    Autocast runs group_norm in fp32 and returns fp32, so under bf16 or fp16 the ReLU, the
+    residual add and the next convolution's input cast would all move fp32 tensors: twice the
+    bytes of a step that GroupNorm already makes memory-bound. Here the norm runs in the autocast
+    dtype; its kernels still accumulate the mean and variance in fp32 (acc_type), as timm's
+    fast_group_norm relies on. Outside autocast it is nn.GroupNorm exactly.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return F.group_norm(x.to(dtype), self.num_groups, self.weight.to(dtype), self.bias.to(dtype), self.eps)
+
+
 def layer_norm(num_channels: int) -> nn.Module:
     """Per-sample normalisation over (C, H, W) with a per-channel affine (GroupNorm, 1 group)."""
-    return nn.GroupNorm(1, num_channels)
+    return AutocastGroupNorm(1, num_channels)
 
 
 class BasicBlock(nn.Module):
