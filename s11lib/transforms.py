@@ -17,6 +17,7 @@ torchvision's functional ops, one image at a time, and compare (tests/test_trans
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -87,9 +88,18 @@ def cutout(images: torch.Tensor, centers: torch.Tensor, size: int, value: float 
 
 def normalize(images: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
     """Per-channel (x - mean) / std."""
-    mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    mean_t, std_t = _channel_constants(tuple(map(float, mean)), tuple(map(float, std)), images.dtype, images.device)
     return (images - mean_t) / std_t
+
+
+@functools.lru_cache(maxsize=None)
+def _channel_constants(mean: tuple, std: tuple, dtype: torch.dtype,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std as (1, C, 1, 1) tensors, made once per device and dtype: building them from a
+    tuple on every call is a pageable host-to-device copy and a stream sync, twice per batch."""
+    with torch.inference_mode(False):  # usable in autograd even if first made under inference_mode
+        return (torch.tensor(mean, dtype=dtype, device=device).view(1, -1, 1, 1),
+                torch.tensor(std, dtype=dtype, device=device).view(1, -1, 1, 1))
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
