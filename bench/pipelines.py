@@ -8,8 +8,9 @@ standard: what users write. A torchvision-style CIFAR10 data set with per-sample
     per-sample CutOut 16x16 with the same clipped box as s11lib's), a DataLoader with worker
     processes, fp32, eager, and `loss.item()` after every step.
 s11lib: the whole split as uint8 on the device, shuffled and batched there, the same three
-    augmentations applied to whole batches (s11lib.transforms), bf16 autocast on CUDA, a
-    fused (CUDA) or foreach (CPU) optimizer, sums kept on the device (s11lib.utils.train_test).
+    augmentations applied to whole batches (s11lib.transforms), the precision amp="auto" picks
+    (s11lib/device.py: bf16 from compute capability 8.0, fp16 on 7.x, else fp32), a fused
+    optimizer, sums kept on the device (s11lib.utils.train_test).
 
 Prints a table: device, torch version, augmentation throughput alone (images/s), seconds per
 epoch (train + test) and the ratios. --accuracy-epochs N also trains N epochs both ways from the
@@ -31,7 +32,7 @@ from s11lib.constants import MEAN, STD
 from s11lib.loaders import DeviceLoader, load_cifar10
 from s11lib.models import resnet18
 from s11lib.optim import make_optimizer
-from s11lib.run import resolve_device
+from s11lib.device import resolve_device, resolve_precision
 from s11lib.transforms import test_transforms, train_transforms
 from s11lib.utils.train_test import evaluate, train_epoch
 
@@ -146,10 +147,11 @@ def standard_epoch(model, train, test, optimizer, device) -> float:
     return time.perf_counter() - start
 
 
-def s11lib_epoch(model, train, test, optimizer, device, amp_dtype, epoch=1) -> float:
+def s11lib_epoch(model, train, test, optimizer, device, precision, scaler, epoch=1) -> float:
     start = time.perf_counter()
-    train_epoch(model, train, optimizer, nn.CrossEntropyLoss(), epoch, device, amp_dtype, progress=False)
-    evaluate(model, test, nn.CrossEntropyLoss(), device, amp_dtype)
+    train_epoch(model, train, optimizer, nn.CrossEntropyLoss(), epoch, device, precision.dtype, progress=False,
+                scaler=scaler)
+    evaluate(model, test, nn.CrossEntropyLoss(), device, precision.dtype)
     sync(device)
     return time.perf_counter() - start
 
@@ -167,10 +169,12 @@ def standard_accuracy(model, train, test, optimizer, device, epochs) -> float:
     return 100.0 * correct / total
 
 
-def s11lib_accuracy(model, train, test, optimizer, device, amp_dtype, epochs) -> float:
+def s11lib_accuracy(model, train, test, optimizer, device, precision, epochs) -> float:
+    scaler = precision.grad_scaler(device)
     for epoch in range(1, epochs + 1):
-        train_epoch(model, train, optimizer, nn.CrossEntropyLoss(), epoch, device, amp_dtype, progress=False)
-    return evaluate(model, test, nn.CrossEntropyLoss(), device, amp_dtype)[0].accuracy
+        train_epoch(model, train, optimizer, nn.CrossEntropyLoss(), epoch, device, precision.dtype, progress=False,
+                    scaler=scaler)
+    return evaluate(model, test, nn.CrossEntropyLoss(), device, precision.dtype)[0].accuracy
 
 
 def main(argv=None) -> int:
@@ -191,11 +195,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     device = resolve_device(args.device)
-    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    precision = resolve_precision("auto", device)  # what a run on this device uses
     config = Config(lr=args.lr, batch_size=args.batch_size, width=args.width)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-          f"python {platform.python_version()}")
+          f"python {platform.python_version()}; s11lib precision: {precision}")
     print(f"images: {args.train_images} train, {args.test_images} test; batch {args.batch_size}; "
           f"ResNet18 width {args.width}; standard DataLoader workers: {args.workers}")
 
@@ -204,9 +208,9 @@ def main(argv=None) -> int:
     s11_train, s11_test = s11lib_loaders(args.data_dir, args.train_images, args.test_images, args.batch_size, device)
 
     if not args.skip_timing:
-        timing(args, device, amp_dtype, config, std_train, std_test, s11_train, s11_test)
+        timing(args, device, precision, config, std_train, std_test, s11_train, s11_test)
     if args.accuracy_epochs:
-        accuracy_check(args, device, amp_dtype, config, std_train, std_test, s11_train, s11_test)
+        accuracy_check(args, device, precision, config, std_train, std_test, s11_train, s11_test)
     return 0
 
 
@@ -216,7 +220,7 @@ def fresh(seed: int, args, device, config):
     return model, make_optimizer(model, config, device)
 
 
-def timing(args, device, amp_dtype, config, std_train, std_test, s11_train, s11_test) -> None:
+def timing(args, device, precision, config, std_train, std_test, s11_train, s11_test) -> None:
     torch.manual_seed(0)
     aug = {"standard": augmentation_rate(std_train, device, args.aug_passes),
            "s11lib": augmentation_rate(s11_train, device, args.aug_passes)}
@@ -226,8 +230,9 @@ def timing(args, device, amp_dtype, config, std_train, std_test, s11_train, s11_
     standard_epoch(model, std_train, std_test, optimizer, device)  # warm-up
     epoch["standard"] = min(standard_epoch(model, std_train, std_test, optimizer, device) for _ in range(args.epochs))
     model, optimizer = fresh(0, args, device, config)
-    s11lib_epoch(model, s11_train, s11_test, optimizer, device, amp_dtype)
-    epoch["s11lib"] = min(s11lib_epoch(model, s11_train, s11_test, optimizer, device, amp_dtype)
+    scaler = precision.grad_scaler(device)
+    s11lib_epoch(model, s11_train, s11_test, optimizer, device, precision, scaler)
+    epoch["s11lib"] = min(s11lib_epoch(model, s11_train, s11_test, optimizer, device, precision, scaler)
                           for _ in range(args.epochs))
 
     print()
@@ -239,14 +244,14 @@ def timing(args, device, amp_dtype, config, std_train, std_test, s11_train, s11_
     print("(epoch: the fastest of the timed epochs, after a warm-up epoch; ratio > 1: s11lib is faster)")
 
 
-def accuracy_check(args, device, amp_dtype, config, std_train, std_test, s11_train, s11_test) -> None:
+def accuracy_check(args, device, precision, config, std_train, std_test, s11_train, s11_test) -> None:
     """Train both ways from the same initial weights, per seed; the recipe must not change."""
     results = {"standard": [], "s11lib": []}
     for seed in range(args.seeds):
         model, optimizer = fresh(seed, args, device, config)
         results["standard"].append(standard_accuracy(model, std_train, std_test, optimizer, device, args.accuracy_epochs))
         model, optimizer = fresh(seed, args, device, config)
-        results["s11lib"].append(s11lib_accuracy(model, s11_train, s11_test, optimizer, device, amp_dtype,
+        results["s11lib"].append(s11lib_accuracy(model, s11_train, s11_test, optimizer, device, precision,
                                                  args.accuracy_epochs))
         print(f"seed {seed}: standard {results['standard'][-1]:.2f}%, s11lib {results['s11lib'][-1]:.2f}%", flush=True)
     for key, values in results.items():

@@ -2,10 +2,11 @@
 
 `last.pt` is the source of truth of a run in progress. It is written at the end of every epoch,
 before anything else, and holds everything the next epoch depends on: the model, optimizer and
-scheduler states, the random number generators (torch on the CPU and on every CUDA device, numpy,
-Python's `random`), the metrics of every epoch so far and the best epoch so far. A run started
-again with the same `out_dir` loads it and continues as if it had never stopped; on the CPU the
-result is bit for bit that of an uninterrupted run (tests/test_resume.py).
+scheduler states, the GradScaler's (an fp16 run's loss scale), the random number generators (torch
+on the CPU and on the run's CUDA device, numpy, Python's `random`), the metrics of every epoch so
+far and the best epoch so far. A run started again with the same `out_dir` loads it and continues
+as if it had never stopped; on the CPU the result is bit for bit that of an uninterrupted run
+(tests/test_resume.py).
 
 `best.pt` holds the model weights of the best epoch (no optimizer: it is for explaining, not for
 continuing); in a run with a weight average (`ema_decay`), the average's weights, which last.pt
@@ -29,35 +30,38 @@ import torch
 from torch import nn
 
 from s11lib.config import Config
+from s11lib.optim import load_optimizer_state
 from s11lib.utils import atomic
 
 LAST, BEST = "last.pt", "best.pt"
 BEST_KEYS = frozenset({"model", "epoch", "config", "metrics"})
-LAST_KEYS = BEST_KEYS | {"optimizer", "scheduler", "ema", "history", "best", "rng"}
+LAST_KEYS = BEST_KEYS | {"optimizer", "scheduler", "scaler", "ema", "history", "best", "rng"}
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded, or cannot be continued with these settings."""
 
 
-def rng_state() -> dict:
-    """Every random number generator a run draws from, in a form weights_only loading accepts."""
+def rng_state(device: torch.device) -> dict:
+    """Every random number generator a run on `device` draws from, in a form weights_only loading
+    accepts. Of the CUDA generators only the run device's: the others' draws do not shape the run."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
         "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python": random.getstate(),
     }
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    # A run moved from one machine to another keeps its CPU streams; CUDA streams only come
-    # back on the same number of devices (the shuffle then differs: not bit-exact, still correct).
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    # A run moved from one machine to another keeps its CPU streams; its CUDA stream comes back
+    # on whichever CUDA device it continues on, and a run moved to or from the CPU starts that
+    # device's stream afresh (the shuffle then differs: not bit-exact, still correct).
+    if state["cuda"] and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"][0], device)
     np_state = state["numpy"]
     np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
                          np_state["has_gauss"], np_state["cached_gaussian"]))
@@ -65,14 +69,17 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_last(path: Path, model: nn.Module, optimizer, scheduler, average, epoch: int, config: Config,
-              history: list[dict], best_epoch: int, best_value: float, best_metric: str) -> dict:
-    """Write last.pt (atomically) and return what was written. `average`: the WeightAverage, or None."""
+def save_last(path: Path, model: nn.Module, optimizer, scheduler, scaler, average, epoch: int, config: Config,
+              history: list[dict], best_epoch: int, best_value: float, best_metric: str,
+              device: torch.device) -> dict:
+    """Write last.pt (atomically) and return what was written. `scaler`: the GradScaler (its state
+    is empty when disabled); `average`: the WeightAverage, or None."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "ema": average.state_dict() if average is not None else None, "epoch": epoch,
+             "scaler": scaler.state_dict(), "ema": average.state_dict() if average is not None else None,
+             "epoch": epoch,
              "config": config.to_dict(), "metrics": dict(history[-1]),
              "history": [dict(row) for row in history],
-             "best": {"epoch": best_epoch, "value": best_value, "metric": best_metric}, "rng": rng_state()}
+             "best": {"epoch": best_epoch, "value": best_value, "metric": best_metric}, "rng": rng_state(device)}
     atomic.save_torch(state, path)
     return state
 
@@ -118,9 +125,10 @@ def load_model_state(model: nn.Module, state: dict, path: Path) -> None:
 
 
 # Settings that may change between a run and its continuation: where things are, how long the
-# run goes on, and what is drawn after training. Everything else shapes the training trajectory.
+# run goes on, how the same arithmetic is scheduled (compile, memory layout), and what is drawn
+# after training. Everything else shapes the training trajectory.
 RESUMABLE_CHANGES = frozenset({"data_dir", "download", "device", "out_dir", "epochs", "progress", "gradcam_layer",
-                               "num_misclassified", "resume"})
+                               "num_misclassified", "resume", "compile", "channels_last"})
 
 
 def incompatible_settings(saved: dict, config: Config) -> list[str]:
@@ -143,9 +151,10 @@ class ResumePoint:
         return self.last["epoch"]
 
 
-def resume_point(out_dir: Path, config: Config, model: nn.Module, optimizer, scheduler,
+def resume_point(out_dir: Path, config: Config, model: nn.Module, optimizer, scheduler, scaler,
                  average=None) -> ResumePoint | None:
-    """Load out_dir's last.pt into model, optimizer, scheduler and weight average; None when there is none.
+    """Load out_dir's last.pt into model, optimizer, scheduler, GradScaler and weight average; None
+    when there is none.
 
     Writes nothing: every problem (unloadable file, other settings, more epochs done than asked)
     is raised before the run touches out_dir. Call `restore` afterwards to set the RNGs and
@@ -172,12 +181,14 @@ def resume_point(out_dir: Path, config: Config, model: nn.Module, optimizer, sch
         best_on_disk = load_checkpoint(out_dir / BEST, map_location="cpu")["epoch"]
     load_model_state(model, last, path)
     try:
-        optimizer.load_state_dict(last["optimizer"])
+        load_optimizer_state(optimizer, last["optimizer"])
         scheduler.load_state_dict(last["scheduler"])
+        if last["scaler"]:  # empty: saved with the scaler disabled (bf16 or fp32), nothing to restore
+            scaler.load_state_dict(last["scaler"])
         if average is not None:
             average.load_state_dict(last["ema"])
     except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
-        raise CheckpointError(f"{path}: optimizer, scheduler or weight-average state does not fit "
+        raise CheckpointError(f"{path}: optimizer, scheduler, scaler or weight-average state does not fit "
                               f"({_reason(e)})") from None
     best = last["best"]
     if best_on_disk != best["epoch"] and best["epoch"] != last["epoch"]:  # only the newest can be missing
@@ -187,8 +198,8 @@ def resume_point(out_dir: Path, config: Config, model: nn.Module, optimizer, sch
                        best_on_disk)
 
 
-def restore(point: ResumePoint, out_dir: Path) -> None:
+def restore(point: ResumePoint, out_dir: Path, device: torch.device) -> None:
     """Set the RNGs to where last.pt left them, and rewrite best.pt if the crash came before it."""
-    set_rng_state(point.last["rng"])
+    set_rng_state(point.last["rng"], device)
     if point.best_on_disk != point.best_epoch:
         save_best(out_dir / BEST, point.last)

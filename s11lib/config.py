@@ -15,6 +15,7 @@ import os
 import tokenize
 from dataclasses import dataclass
 
+from s11lib.device import AMPS
 from s11lib.models.resnet import INITS
 
 PLATEAU_METRICS = ("val_loss", "val_acc")
@@ -27,6 +28,9 @@ LR_REFERENCE_BATCH = 512
 # Config's annotations (strings: `from __future__ import annotations`) as the types they admit.
 _TYPES = {"str": (str,), "bool": (bool,), "int": (int,), "float": (float,), "int | None": (int, None)}
 _TYPE_NAMES = {str: "a string", bool: "True or False", int: "an integer", float: "a number", None: "None"}
+# The string parameters that take one of a few values (amp was a bool before "auto": amp=True
+# from an old parameters file gets the choices, not "must be a string").
+_CHOICES = {"amp": AMPS, "init": INITS, "plateau_metric": PLATEAU_METRICS}
 
 
 @dataclass
@@ -60,7 +64,10 @@ class Config:
     zero_init_residual: bool = True  # each residual branch's last norm scale starts at 0 (block = shortcut)
     init: str = "kaiming"  # conv weights: "kaiming" (He normal, fan_out) or "torch" (PyTorch's layer default)
     device: str = "auto"  # "auto" (cuda when there is one, else cpu), "cpu", "cuda", "cuda:1", ...
-    amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU, where bf16 is slower)
+    amp: str = "auto"  # "auto": bf16 from compute capability 8.0, fp16 + loss scaling on 7.x, else fp32;
+    #                    "bf16", "fp16" or "off" force one, on any device (s11lib/device.py)
+    compile: bool = False  # torch.compile the training model (compiles once per input shape; docs/benchmarks.md)
+    channels_last: bool = False  # NHWC memory layout for the convolutions (docs/benchmarks.md)
     # --- outputs ----------------------------------------------------------------------------
     out_dir: str = "runs/train"  # where metrics, checkpoints and figures go
     resume: bool = True  # out_dir holds last.pt: continue that run; False: start over (its files are replaced)
@@ -80,6 +87,7 @@ class Config:
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
             (self.warmup_min_steps >= 0, f"warmup_min_steps must be >= 0, got {self.warmup_min_steps}"),
             (self.init in INITS, f"init must be one of {INITS}, got {self.init!r}"),
+            (self.amp in AMPS, f"amp must be one of {AMPS}, got {self.amp!r}"),
             (self.val_size >= 0, f"val_size must be >= 0, got {self.val_size}"),
             (self.plateau_metric in PLATEAU_METRICS,
              f"plateau_metric must be one of {PLATEAU_METRICS}, got {self.plateau_metric!r}"),
@@ -113,8 +121,9 @@ class Config:
                 setattr(self, f.name, value := float(value))  # lr=1 is lr=1.0, in config.json too
             if not isinstance(value, tuple(k for k in kinds if k is not None)) or \
                     (isinstance(value, bool) and bool not in kinds):
-                raise ValueError(f"{f.name} must be {' or '.join(_TYPE_NAMES[k] for k in kinds)}, "
-                                 f"got {value!r} ({type(value).__name__})")
+                wanted = f"one of {_CHOICES[f.name]}" if f.name in _CHOICES else \
+                    " or ".join(_TYPE_NAMES[k] for k in kinds)
+                raise ValueError(f"{f.name} must be {wanted}, got {value!r} ({type(value).__name__})")
 
     @property
     def peak_lr(self) -> float:

@@ -30,7 +30,8 @@ from s11lib.config import Config
 from s11lib.constants import CLASSES, NUM_CLASSES
 from s11lib.loaders import DeviceLoader, load_cifar10
 from s11lib.models import resnet18
-from s11lib.run import read_metrics, resolve_device
+from s11lib.device import resolve_device
+from s11lib.run import read_metrics
 from s11lib.transforms import test_transforms, to_float
 from s11lib.utils.accuracy import confusion_matrix, per_class_accuracy
 from s11lib.utils.gradcam import GradCAM, overlay

@@ -45,11 +45,47 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
 
 
 def make_optimizer(model: nn.Module, config: Config, device: torch.device) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum over `param_groups`, at the run's peak rate."""
-    # foreach/fused: one kernel launch over all parameters instead of one per tensor.
-    kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    """SGD with Nesterov momentum over `param_groups`, at the run's peak rate.
+
+    Fused where the device has the kernel (CUDA and, in torch 2.4 and later, the CPU), else foreach:
+    one kernel over all parameters instead of one per tensor. The fused kernel also takes a
+    GradScaler's scale and overflow flag as tensors, so an fp16 step needs no host read.
+
+    The momentum buffers are created as zeros now. Left to the first step, the fused kernel makes
+    them with `empty_like`, and when a GradScaler skips that first step for an overflow it returns
+    before writing them: step 2 would then start from uninitialised memory. A zero buffer gives the
+    same first step as a missing one (buffer = grad, as dampening is 0).
+    """
     groups = param_groups(model, config.weight_decay, config.decay_norm_and_bias)
-    return torch.optim.SGD(groups, lr=config.peak_lr, momentum=config.momentum, nesterov=config.momentum > 0, **kind)
+    options = dict(lr=config.peak_lr, momentum=config.momentum, nesterov=config.momentum > 0)
+    try:
+        optimizer = torch.optim.SGD(groups, **options, fused=True)
+    except RuntimeError:  # no fused SGD for this device type (or dtype)
+        optimizer = torch.optim.SGD(groups, **options, foreach=True)
+    if config.momentum > 0:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+    return optimizer
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict(state)`, keeping this optimizer's kernel choice.
+
+    load_state_dict restores each group's saved `fused` and `foreach` flags: a run saved on a GPU
+    and resumed on the CPU (or the reverse) would step with the other device's kernel, and an
+    optimizer built fused that gets foreach flags fails a GradScaler's step with an AssertionError.
+    """
+    kernels = {key: optimizer.defaults.get(key) for key in ("fused", "foreach")}
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group.update(kernels)
+        for param in group["params"]:
+            # A buffer comes back in the memory layout it was saved in; a run continued with the
+            # other `channels_last` setting needs it in its parameter's, element for element.
+            for key, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    optimizer.state[param][key] = torch.empty_like(param).copy_(value)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.ReduceLROnPlateau:

@@ -33,6 +33,7 @@ from torch import nn
 from s11lib import checkpoint
 from s11lib.config import LR_REFERENCE_BATCH, Config, field_help
 from s11lib.constants import CLASSES, NUM_CLASSES
+from s11lib.device import Precision, resolve_device, resolve_precision
 from s11lib.loaders import Loaders, build_loaders
 from s11lib.models import resnet18
 from s11lib.optim import WeightAverage, Warmup, make_optimizer, make_scheduler
@@ -62,21 +63,6 @@ class RunResult:
     # The training loss of every step this call took (float32); a resumed run's earlier epochs are
     # not in it. bench/recipe.py reads it for loss spikes and collapses.
     step_losses: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0))
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; an unavailable device is a one-line error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use 'auto', 'cpu' or 'cuda'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but this machine has no CUDA GPU; use device='auto' or 'cpu'")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device={name!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
-    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -120,24 +106,32 @@ def run(config: Config) -> RunResult:
     before the first file is written.
     """
     device = resolve_device(config.device)
-    amp_dtype = torch.bfloat16 if (config.amp and device.type == "cuda") else None
+    precision = resolve_precision(config.amp, device)
+    if device.type == "cuda":
+        # cuDNN times its convolution algorithms for each new shape once and keeps the fastest: a
+        # run has three or four shapes (training, evaluation, their last batches).
+        torch.backends.cudnn.benchmark = True
     seed_everything(config.seed)
     model = resnet18(NUM_CLASSES, width=config.width, zero_init_residual=config.zero_init_residual, init=config.init)
     resolve_layer(model, config.gradcam_layer)  # an unknown layer fails now, not after 40 epochs
     train_tf, test_tf = train_transforms(), test_transforms()
     data: Loaders = build_loaders(config.data_dir, config.batch_size, device, train_tf, test_tf, config.download,
                                   config.train_subset, config.test_subset, config.val_size)
-    model = model.to(device)
+    # channels_last: the weights alone are enough, each convolution then returns NHWC (and turns
+    # the 3-channel input itself).
+    model = model.to(device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
     optimizer = make_optimizer(model, config, device)
     scheduler = make_scheduler(optimizer, config)
+    scaler = precision.grad_scaler(device)
     average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
     out_dir = Path(config.out_dir)
-    resumed = checkpoint.resume_point(out_dir, config, model, optimizer, scheduler, average) if config.resume else None
+    resumed = checkpoint.resume_point(out_dir, config, model, optimizer, scheduler, scaler, average) \
+        if config.resume else None
     _check_writable(out_dir)
     with atomic.exclusive(out_dir):
         atomic.remove_leftovers(out_dir)
         if resumed:
-            checkpoint.restore(resumed, out_dir)
+            checkpoint.restore(resumed, out_dir, device)
         else:
             stale = [out_dir / name for name in OUTPUT_FILES if (out_dir / name).exists()]
             for path in stale:  # a fresh start must not leave another run's best.pt or figures behind
@@ -148,7 +142,8 @@ def run(config: Config) -> RunResult:
         print(model_summary(model, device=device))
         held_out = f"{data.val.num_images} validation" if data.val else "no validation (the test set is watched)"
         print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
-              f"torch {torch.__version__}, amp: {amp_dtype or 'off'}")
+              f"torch {torch.__version__}; precision: {precision}; compile: {config.compile}, "
+              f"channels_last: {config.channels_last}")
         print(f"data: {data.train.num_images} training, {held_out}, {data.test.num_images} test images")
         print(f"train transforms: {train_tf}")
         warmup = Warmup.of(config, len(data.train))
@@ -156,15 +151,15 @@ def run(config: Config) -> RunResult:
               f"/ {LR_REFERENCE_BATCH}), "
               f"warm-up {warmup.steps} steps, then ReduceLROnPlateau on {_watched(config, data)}")
         sys.stdout.flush()  # before the progress bars on stderr: a notebook then shows the two in order
-        rows, best_epoch, step_losses = _train(model, data, optimizer, scheduler, warmup, average, config, device,
-                                               amp_dtype, out_dir, resumed)
+        rows, best_epoch, step_losses = _train(model, data, optimizer, scheduler, scaler, warmup, average, config,
+                                               device, precision, out_dir, resumed)
         result = explain(model, data, config, device, out_dir, rows, best_epoch)
         result.step_losses = step_losses
         return result
 
 
-def _train(model, data: Loaders, optimizer, scheduler, warmup: Warmup, average: WeightAverage | None, config: Config,
-           device, amp_dtype, out_dir: Path,
+def _train(model, data: Loaders, optimizer, scheduler, scaler, warmup: Warmup, average: WeightAverage | None,
+           config: Config, device, precision: Precision, out_dir: Path,
            resumed: checkpoint.ResumePoint | None) -> tuple[list[dict], int, torch.Tensor]:
     """The epoch loop, from the first epoch or from where `resumed` stopped.
 
@@ -173,14 +168,22 @@ def _train(model, data: Loaders, optimizer, scheduler, warmup: Warmup, average: 
     about 1 / (1 - ema_decay) steps, so a plateau would be seen late on it. best.pt is chosen on,
     and holds, the average: it is the model the run ends up explaining.
 
+    With `config.compile`, training and evaluation run a torch.compile'd wrapper of `model`; the
+    weights are the same tensors, so checkpoints hold the plain module's keys, and the weight
+    average and everything after training (Grad-CAM hooks, the summary) use the eager module.
+
     Returns the metrics rows, the best epoch and the loss of every step this call took."""
+    amp_dtype = precision.dtype
+    # dynamic=None: the first shape compiles static; evaluation's smaller last batch compiles once
+    # more with a dynamic batch size, which then serves every split's last batch, every epoch.
+    step_model = torch.compile(model) if config.compile else model
     train_loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     eval_loss_fn = nn.CrossEntropyLoss()
     steps_per_epoch = len(data.train)
     watched = _watched(config, data)
     select_on = ("ema_" if average else "") + ("val_acc" if data.val else "test_acc")
 
-    rows: list[dict] = resumed.rows if resumed else []
+    rows: list[dict] = _with_written_seconds(resumed.rows, out_dir / "metrics.csv") if resumed else []
     step_losses = []
     best_epoch, best_acc = (resumed.best_epoch, resumed.best_value) if resumed else (0, -1.0)
     if resumed:
@@ -194,11 +197,12 @@ def _train(model, data: Loaders, optimizer, scheduler, warmup: Warmup, average: 
             warmup.apply(optimizer, (epoch - 1) * steps_per_epoch + batch)
 
         after_warmup = warmup.over_after((epoch - 1) * steps_per_epoch)  # the whole epoch at the plateau's rate
-        train = train_epoch(model, data.train, optimizer, train_loss_fn, epoch, device, amp_dtype,
-                            None if after_warmup else warm_up, config.progress, average.update if average else None)
+        train = train_epoch(step_model, data.train, optimizer, train_loss_fn, epoch, device, amp_dtype,
+                            None if after_warmup else warm_up, config.progress, average.update if average else None,
+                            scaler)
         step_losses.append(train.step_losses)
-        val, _ = evaluate(model, data.val, eval_loss_fn, device, amp_dtype) if data.val else (None, None)
-        test, _ = evaluate(model, data.test, eval_loss_fn, device, amp_dtype)
+        val, _ = evaluate(step_model, data.val, eval_loss_fn, device, amp_dtype) if data.val else (None, None)
+        test, _ = evaluate(step_model, data.test, eval_loss_fn, device, amp_dtype)
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],  # the LR this epoch trained with
                "train_loss": round(train.loss, 6), "train_acc": round(train.accuracy, 4),
                **_scores("val", val), **_scores("test", test)}
@@ -210,7 +214,7 @@ def _train(model, data: Loaders, optimizer, scheduler, warmup: Warmup, average: 
         row.update(**_scores("ema_val", ema_val), **_scores("ema_test", ema_test))
         if after_warmup:
             scheduler.step(row[watched])
-        row["seconds"] = round(time.perf_counter() - start, 3)
+        row["seconds"] = round(time.perf_counter() - start, 3)  # so far; the writes are added below
         rows.append(row)
         if val:
             print(format_eval("Validation", val))
@@ -224,13 +228,26 @@ def _train(model, data: Loaders, optimizer, scheduler, warmup: Warmup, average: 
         if improved:
             best_epoch, best_acc = epoch, row[select_on]
         # last.pt first: it alone decides where a resumed run starts (see s11lib/checkpoint.py).
-        last = checkpoint.save_last(out_dir / checkpoint.LAST, model, optimizer, scheduler, average, epoch, config,
-                                    rows, best_epoch, best_acc, select_on)
+        last = checkpoint.save_last(out_dir / checkpoint.LAST, model, optimizer, scheduler, scaler, average, epoch,
+                                    config, rows, best_epoch, best_acc, select_on, device)
         if improved:
             checkpoint.save_best(out_dir / checkpoint.BEST, last)
+        # The epoch's wall time, its checkpoint writes included (last.pt, written before the time
+        # was known, keeps the figure without them until the next epoch's last.pt).
+        row["seconds"] = round(time.perf_counter() - start, 3)
         write_metrics(rows, out_dir / "metrics.csv")
     print(f"best checkpoint: epoch {best_epoch} ({select_on} {best_acc:.2f}%)")
     return rows, best_epoch, torch.cat(step_losses) if step_losses else torch.zeros(0)
+
+
+def _with_written_seconds(rows: list[dict], path: Path) -> list[dict]:
+    """last.pt's rows, each epoch's `seconds` taken from metrics.csv where it has the epoch: only
+    there does the last epoch's figure include the writing of last.pt itself."""
+    try:
+        written = {row["epoch"]: row["seconds"] for row in read_metrics(path)}
+    except (OSError, ValueError, KeyError):  # missing or torn: keep last.pt's figures
+        return rows
+    return [{**row, "seconds": written.get(row["epoch"]) or row["seconds"]} for row in rows]
 
 
 def _scores(split: str, result) -> dict:

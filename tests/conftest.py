@@ -138,8 +138,8 @@ def learned_run(data_dir, is_real_data, tmp_path_factory):
 
     shape = (dict(epochs=4, batch_size=64, train_subset=4096, test_subset=500) if is_real_data else
              dict(epochs=2, batch_size=128, train_subset=1000, test_subset=200))
-    config = Config(data_dir=str(data_dir), out_dir=str(tmp_path_factory.mktemp("learned")), download=False,
-                    width=16, val_size=0, progress=False, num_misclassified=5, **shape)
+    config = Config(device="cpu", data_dir=str(data_dir), out_dir=str(tmp_path_factory.mktemp("learned")),
+                    download=False, width=16, val_size=0, progress=False, num_misclassified=5, **shape)
     return run(config)
 
 

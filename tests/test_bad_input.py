@@ -142,8 +142,9 @@ def test_crafted_checkpoint_cannot_run_code(small_data, out_dir, tmp_path, name)
         from s11lib.models import resnet18
         model = resnet18(width=4)
         optimizer = run_module.make_optimizer(model, config, torch.device("cpu"))
-        checkpoint.save_last(out_dir / "last.pt", model, optimizer, run_module.make_scheduler(optimizer, config), None,
-                             1, config, [{"epoch": 1}], 1, 10.0, "val_acc")
+        checkpoint.save_last(out_dir / "last.pt", model, optimizer, run_module.make_scheduler(optimizer, config),
+                             torch.amp.GradScaler("cpu", enabled=False), None, 1, config, [{"epoch": 1}], 1, 10.0,
+                             "val_acc", torch.device("cpu"))
     torch.save({"model": RunsCode(marker), "epoch": 1}, out_dir / name)
     refused(config, f"{name} cannot be loaded safely .*unsupported GLOBAL (posix|os).system")
     assert not marker.exists()

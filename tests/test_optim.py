@@ -7,7 +7,7 @@ from torch import nn
 
 from s11lib.config import Config
 from s11lib.models import resnet18
-from s11lib.optim import Warmup, WeightAverage, make_optimizer, param_groups
+from s11lib.optim import Warmup, WeightAverage, load_optimizer_state, make_optimizer, param_groups
 
 CPU = torch.device("cpu")
 
@@ -130,3 +130,103 @@ def test_weight_average_state_round_trips():
 def test_weight_average_needs_a_decay_between_0_and_1():
     with pytest.raises(ValueError, match="decay must be in"):
         WeightAverage(resnet18(width=4), 1.0)
+
+
+# --- the fused kernel, loss scaling and kernel flags across devices ----------------------------------
+def _fp16_step(model, optimizer, scaler, x, y, overflow: bool = False) -> None:
+    """One fp16 autocast step with loss scaling, as a T4 takes it; `overflow` puts an inf in a
+    gradient, as a too-large loss scale does, so that the scaler skips the step."""
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = nn.functional.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if overflow:
+        next(model.parameters()).grad.view(-1)[0] = float("inf")
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def _batch(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+
+
+def test_the_optimizer_is_fused_with_zeroed_momentum_from_the_start():
+    model = resnet18(width=4)
+    optimizer = make_optimizer(model, Config(), CPU)
+    assert optimizer.defaults["fused"] and optimizer._step_supports_amp_scaling  # the scaler passes it tensors
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    assert all(torch.equal(optimizer.state[p]["momentum_buffer"], torch.zeros_like(p)) for p in params)
+    assert not make_optimizer(model, Config(momentum=0.0), CPU).state  # no momentum, no buffers
+
+
+def test_a_first_step_skipped_for_an_overflow_leaves_clean_momentum():
+    # The fused kernel made the buffers with empty_like on the first step and returned before
+    # writing them when that step was skipped: step 2 then started from uninitialised memory.
+    torch.manual_seed(0)
+    model = resnet18(width=4)
+    fresh = copy.deepcopy(model)
+    config = Config(lr=0.4, batch_size=512)
+    optimizer, scaler = make_optimizer(model, config, CPU), torch.amp.GradScaler("cpu")
+    _fp16_step(model, optimizer, scaler, *_batch(1), overflow=True)
+    assert scaler.get_scale() == 2.0 ** 15  # skipped: the scale halved, the weights did not move
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh.parameters()))
+    _fp16_step(model, optimizer, scaler, *_batch(2))
+
+    # The same step 2 from a run that never saw the skipped step, at the same scale.
+    reference_optimizer = make_optimizer(fresh, config, CPU)
+    _fp16_step(fresh, reference_optimizer, torch.amp.GradScaler("cpu", init_scale=2.0 ** 15), *_batch(2))
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        buffer = optimizer.state[p]["momentum_buffer"]
+        assert torch.isfinite(buffer).all()
+        assert torch.equal(buffer, reference_optimizer.state[q]["momentum_buffer"])
+        assert torch.equal(p, q)
+
+
+def _saved_after_one_step(seed: int):
+    """A model and its fused optimizer after one fp16 step (a checkpoint of them, as last.pt holds
+    them), then the same model after a second, uninterrupted step: what a resume must reproduce."""
+    torch.manual_seed(0)
+    model = resnet18(width=4)
+    config = Config(lr=0.4, batch_size=512)
+    batch = _batch(seed)
+    optimizer = make_optimizer(model, config, CPU)
+    _fp16_step(model, optimizer, torch.amp.GradScaler("cpu"), *batch)
+    saved_model, saved_state = copy.deepcopy(model), copy.deepcopy(optimizer.state_dict())
+    _fp16_step(model, optimizer, torch.amp.GradScaler("cpu"), *batch)
+    return config, batch, saved_model, saved_state, model
+
+
+def test_a_state_saved_with_one_kernel_resumes_with_the_other():
+    # load_state_dict restores the saved fused/foreach flags: a GPU run resumed where the optimizer
+    # is built differently stepped with the other kernel, and with a GradScaler failed an assertion.
+    config, batch, saved_model, saved_state, uninterrupted = _saved_after_one_step(3)
+    resumed = copy.deepcopy(saved_model)  # a device without fused SGD builds a foreach optimizer
+    foreach = torch.optim.SGD(param_groups(resumed, config.weight_decay), lr=config.peak_lr, momentum=0.9,
+                              nesterov=True, foreach=True)
+    load_optimizer_state(foreach, saved_state)
+    assert all(g["fused"] is None and g["foreach"] for g in foreach.param_groups)
+    _fp16_step(resumed, foreach, torch.amp.GradScaler("cpu"), *batch)
+    for p, q in zip(resumed.parameters(), uninterrupted.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+    back = copy.deepcopy(saved_model)  # and the reverse: a foreach state into the fused optimizer
+    fused_again = make_optimizer(back, config, CPU)
+    load_optimizer_state(fused_again, foreach.state_dict())  # with plain load_state_dict: AssertionError
+    assert all(g["fused"] and not g["foreach"] for g in fused_again.param_groups)
+    _fp16_step(back, fused_again, torch.amp.GradScaler("cpu"), *batch)
+
+
+def test_momentum_follows_the_parameters_memory_layout_on_resume():
+    # A run saved contiguous and continued with channels_last (or the reverse): the buffers must
+    # take the parameters' strides, element for element, before the fused kernel walks them together.
+    config, batch, saved_model, saved_state, uninterrupted = _saved_after_one_step(4)
+    nhwc = copy.deepcopy(saved_model).to(memory_format=torch.channels_last)
+    nhwc_optimizer = make_optimizer(nhwc, config, CPU)
+    load_optimizer_state(nhwc_optimizer, saved_state)
+    for p in nhwc.parameters():
+        assert nhwc_optimizer.state[p]["momentum_buffer"].stride() == p.stride()
+    _fp16_step(nhwc, nhwc_optimizer, torch.amp.GradScaler("cpu"), *batch)
+    for (name, p), q in zip(nhwc.named_parameters(), uninterrupted.parameters()):
+        # fp16 gradients of the two layouts differ by ~2e-5; buffers in the wrong layout gave 7e-3.
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-4, msg=name)

@@ -26,7 +26,8 @@ def defaults(data_dir, is_real_data, tmp_path):
         pytest.skip("the recipe checks need the real CIFAR-10: set S11_CIFAR10_DIR")
 
     def make(**overrides) -> Config:
-        return Config(data_dir=str(data_dir), out_dir=str(tmp_path), download=False, progress=False, epochs=2,
+        return Config(device="cpu", data_dir=str(data_dir), out_dir=str(tmp_path), download=False, progress=False,
+                      epochs=2,
                       num_misclassified=5, **overrides)
     return make
 

@@ -6,13 +6,14 @@ import json
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from s11lib.config import Config
 from s11lib.loaders import DeviceLoader
 from s11lib.models import resnet18
 from s11lib.optim import make_optimizer
 from s11lib.run import read_metrics, run
-from s11lib.transforms import test_transforms
+from s11lib.transforms import test_transforms, train_transforms
 from s11lib.utils.train_test import NonFiniteLossError, evaluate, train_epoch
 
 
@@ -85,7 +86,7 @@ def test_non_finite_loss_names_epoch_and_batch():
 
 
 def _quick(data_dir, out_dir, **overrides) -> Config:
-    values = dict(data_dir=str(data_dir), out_dir=str(out_dir), download=False, width=4, epochs=2,
+    values = dict(device="cpu", data_dir=str(data_dir), out_dir=str(out_dir), download=False, width=4, epochs=2,
                   batch_size=32, train_subset=96, val_size=32, test_subset=40, progress=False,
                   num_misclassified=5)
     values.update(overrides)
@@ -172,16 +173,20 @@ def test_checkpoints_load_safely_and_hold_the_run(data_dir, tmp_path):
     result = run(config)
     last = torch.load(tmp_path / "last.pt", weights_only=True)
     best = torch.load(tmp_path / "best.pt", weights_only=True)
-    assert set(last) == {"model", "optimizer", "scheduler", "ema", "epoch", "config", "metrics", "history", "best",
-                         "rng"}
+    assert set(last) == {"model", "optimizer", "scheduler", "scaler", "ema", "epoch", "config", "metrics", "history",
+                         "best", "rng"}
     assert last["ema"] is None  # no weight average in this run
+    assert last["scaler"] == {}  # fp32 on the CPU: the scaler is disabled and has no state
     assert set(best) == {"model", "epoch", "config", "metrics"}  # weights to explain, not to continue
     for state in (last, best):
         assert Config.from_dict(state["config"]) == config
         resnet18(width=4).load_state_dict(state["model"])
-    assert last["epoch"] == 2 and last["history"] == result.rows and last["metrics"] == result.rows[-1]
+    # last.pt is written before its epoch's time is known: only its last row lacks the writes' time.
+    assert last["epoch"] == 2 and last["history"][:-1] == result.rows[:-1]
+    assert last["metrics"] == last["history"][-1] == {**result.rows[-1], "seconds": last["metrics"]["seconds"]}
+    assert 0 < last["metrics"]["seconds"] < result.rows[-1]["seconds"]
     assert best["epoch"] == result.best_epoch == last["best"]["epoch"]
-    assert best["metrics"] == result.rows[result.best_epoch - 1]
+    assert best["metrics"] == {**result.rows[result.best_epoch - 1], "seconds": best["metrics"]["seconds"]}
 
 
 def test_with_a_weight_average_best_pt_holds_the_average(data_dir, tmp_path):
@@ -197,3 +202,59 @@ def test_with_a_weight_average_best_pt_holds_the_average(data_dir, tmp_path):
     # The figures and mistakes come from best.pt, i.e. from the average: its test accuracy is the row's.
     explained = json.loads((tmp_path / "misclassified.json").read_text())
     assert explained["test_accuracy"] == pytest.approx(row["ema_test_acc"], abs=1e-3)
+
+
+# --- host reads: the GPU must not wait for the host during an epoch ----------------------------------
+class HostReads(TorchDispatchMode):
+    """Counts the ops that make the host wait for the device: reading a value back (`.item()`,
+    `bool(t)`, `int(t)`: aten._local_scalar_dense) and tensors built from Python data
+    (`torch.tensor(...)`: aten.lift_fresh, a pageable copy to the device). On a GPU each is a sync."""
+
+    SYNCING = ("aten._local_scalar_dense", "aten.lift_fresh")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += str(func).startswith(self.SYNCING)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("amp", ["off", "fp16"])
+def test_no_host_read_per_step(amp):
+    # fp16: the GradScaler's scale and overflow flag stay device tensors, handed to the fused kernel.
+    from s11lib.device import resolve_precision
+
+    precision = resolve_precision(amp, torch.device("cpu"))
+    images, labels, model = _tiny_setup(n=96, batch=16)
+    optimizer = make_optimizer(model, Config(lr=0.05, batch_size=16), torch.device("cpu"))
+    scaler = precision.grad_scaler(torch.device("cpu"))
+    train_tf = train_transforms()
+
+    def reads(batches: int, progress: bool) -> int:
+        loader = DeviceLoader(images[: 16 * batches], labels[: 16 * batches], 16, train_tf, shuffle=True)
+        with HostReads() as mode:
+            train_epoch(model, loader, optimizer, nn.CrossEntropyLoss(), 1, torch.device("cpu"), precision.dtype,
+                        progress=progress, scaler=scaler)
+            evaluate(model, DeviceLoader(images[: 16 * batches], labels[: 16 * batches], 16, test_transforms()),
+                     nn.CrossEntropyLoss(), torch.device("cpu"), precision.dtype)
+        return mode.count
+
+    reads(1, False)  # the first call makes the normalisation constants and the scaler's tensors
+    assert reads(2, False) == reads(6, False) <= 6  # a few at the end of each loop, none per step
+    assert reads(6, True) <= reads(6, False) + 3 * 6  # with the bar: about ten refreshes an epoch
+
+
+def test_a_step_the_scaler_skips_is_no_error():
+    # fp16 with a loss scale far too large: the scaled gradients overflow, the GradScaler skips the
+    # steps and shrinks its scale. The loss itself is finite, so the run goes on.
+    images, labels, model = _tiny_setup(n=64, batch=16)
+    before = copy.deepcopy(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
+    result = train_epoch(model, DeviceLoader(images, labels, 16, test_transforms()),
+                         make_optimizer(model, Config(lr=0.05, batch_size=16), torch.device("cpu")),
+                         nn.CrossEntropyLoss(), 1, torch.device("cpu"), torch.float16, progress=False, scaler=scaler)
+    assert scaler.get_scale() == 2.0 ** 36  # all four steps skipped, the scale halved each time
+    assert torch.isfinite(result.step_losses).all() and result.total == 64
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters()))

@@ -1,7 +1,9 @@
 """One training epoch and one evaluation pass, the loops every run is made of.
 
-Both keep their running sums on the device and read them back once at the end (and a few times
-per epoch for the progress bar), so the GPU is never stalled waiting for the host.
+Both keep their running sums on the device and read them back once at the end (and about ten
+times per epoch for the progress bar, none without it), so the GPU is never stalled waiting for
+the host. With fp16, a GradScaler scales the loss; a fused optimizer takes its scale and overflow
+flag as device tensors, so the step needs no host read either (s11lib/optim.py).
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ def train_epoch(
     before_step: Callable[[int], None] | None = None,
     progress: bool = True,
     after_step: Callable[[], None] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> EpochResult:
     """Train one pass over `loader`.
 
@@ -59,6 +62,9 @@ def train_epoch(
         before_step: called with the batch number before each optimizer step (LR warm-up).
         after_step: called after each optimizer step (the weight average).
         progress: show a tqdm bar with the running loss, accuracy and learning rate.
+        scaler: fp16's loss scaling. A step it skips because the scaled gradients overflowed is
+            no error: the scale shrinks and training goes on. The non-finite check looks at the
+            loss itself, which is never scaled.
     """
     model.train()
     num_batches = len(loader)
@@ -77,8 +83,13 @@ def train_epoch(
                 logits = model(x)
                 loss = criterion(logits, y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
             if after_step is not None:
                 after_step()
             n = len(y)
@@ -90,7 +101,7 @@ def train_epoch(
             step_losses.append(loss_det)
             correct += correct_count(logits.detach(), y)
             bar.update(1)
-            if batch % refresh_every == refresh_every - 1 or batch == num_batches - 1:
+            if progress and (batch % refresh_every == refresh_every - 1 or batch == num_batches - 1):
                 _check_finite(first_bad, epoch)
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100.0 * correct.item() / seen:.2f}",
                                 lr=f"{optimizer.param_groups[0]['lr']:.3g}", refresh=False)

@@ -1,0 +1,119 @@
+"""The machine a run uses: which device, whether the installed torch can drive it, at what precision.
+
+Users run the notebooks on Colab's T4 (compute capability 7.5), Kaggle's P100 (6.0), A100s (8.0)
+and H100s (9.0), and on the CPU. Each gets the precision its hardware is fast at (`Precision`):
+
+* 8.0 and above: bf16 autocast. bf16 has fp32's exponent range, so no loss scaling is needed.
+* 7.x (T4, V100): fp16 autocast with a GradScaler. `torch.cuda.is_bf16_supported()` says True
+  on a T4, but it counts emulation: cuDNN has no bf16 convolutions below 8.0, and bf16 there
+  runs slower than fp32 (pytorch PR #148322), while fp16 uses the tensor cores.
+* below 7.0 and the CPU: fp32. No tensor cores to feed; on a CPU without AMX, bf16 and fp16
+  convolutions are slower than fp32.
+
+`amp="bf16"`, `"fp16"` and `"off"` force a choice, on any device: CPU autocast does both dtypes,
+so the CPU tests run the fp16 + GradScaler path that a T4 runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+AMPS = ("auto", "bf16", "fp16", "off")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; an unavailable or unusable device is a one-line error."""
+    if name == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"unknown device {name!r}; use 'auto', 'cpu' or 'cuda'") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={name!r} but this machine has no CUDA GPU; use device='auto' or 'cpu'")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={name!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if device.type == "cuda":
+        check_arch(torch.cuda.get_device_capability(device), torch.cuda.get_arch_list(),
+                   torch.cuda.get_device_name(device))
+    return device
+
+
+def arch_supported(capability: tuple[int, int], arch_list: list[str]) -> bool:
+    """Whether a torch built for `arch_list` (torch.cuda.get_arch_list(), e.g. ['sm_75', 'sm_80',
+    'compute_90']) has kernels for a GPU of this compute capability.
+
+    A cubin built for sm_XY runs on X.Y and on later minor versions of the same major (sm_80 on
+    8.6); PTX (compute_XY) is compiled by the driver for X.Y and anything newer.
+    """
+    major, minor = capability
+    for arch in arch_list:
+        kind, _, digits = arch.partition("_")
+        if not digits.isdigit() or len(digits) < 2:
+            continue
+        arch_major, arch_minor = int(digits[:-1]), int(digits[-1])
+        if kind == "sm" and arch_major == major and arch_minor <= minor:
+            return True
+        if kind == "compute" and (arch_major, arch_minor) <= (major, minor):
+            return True
+    return False
+
+
+def check_arch(capability: tuple[int, int], arch_list: list[str], name: str = "this GPU") -> None:
+    """A one-line ValueError for a GPU the installed torch has no kernels for: it passes
+    cuda.is_available() and would crash at the first kernel with 'no kernel image is available'."""
+    if arch_list and not arch_supported(capability, arch_list):
+        major, minor = capability
+        raise ValueError(f"{name} (compute capability {major}.{minor}) is not supported by torch "
+                         f"{torch.__version__}, which was built for {' '.join(arch_list)}; install a torch "
+                         "built for it (an older release or another CUDA build) or use device='cpu'")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The autocast dtype of a run (None: fp32), whether it needs loss scaling, and why it was chosen."""
+
+    dtype: torch.dtype | None
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[self.dtype]
+
+    @property
+    def scaled(self) -> bool:
+        """fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none."""
+        return self.dtype == torch.float16
+
+    def grad_scaler(self, device: torch.device) -> torch.amp.GradScaler:
+        """A GradScaler for the device, enabled only for fp16 (disabled, it passes everything through)."""
+        return torch.amp.GradScaler(device.type, enabled=self.scaled)
+
+    def __str__(self) -> str:
+        return f"{self.name}{' with loss scaling' if self.scaled else ''} ({self.reason})"
+
+
+def resolve_precision(amp: str, device: torch.device) -> Precision:
+    """The precision of `amp` ("auto", "bf16", "fp16" or "off") on `device`; see the module docstring."""
+    if amp not in AMPS:
+        raise ValueError(f"amp must be one of {AMPS}, got {amp!r}")
+    if amp != "auto":
+        return Precision(DTYPES[amp], f"amp={amp!r}")
+    if device.type != "cuda":
+        return Precision(None, f"amp='auto' on the {device.type.upper()}: autocast there is slower than fp32")
+    major, minor = torch.cuda.get_device_capability(device)
+    return auto_precision((major, minor))
+
+
+def auto_precision(capability: tuple[int, int]) -> Precision:
+    """amp='auto' on a CUDA GPU of this compute capability."""
+    major, minor = capability
+    cc = f"compute capability {major}.{minor}"
+    if major >= 8:
+        return Precision(torch.bfloat16, f"amp='auto', {cc}: bf16 tensor cores")
+    if major == 7:
+        return Precision(torch.float16, f"amp='auto', {cc}: fp16 tensor cores, no bf16 convolutions below 8.0")
+    return Precision(None, f"amp='auto', {cc}: no tensor cores below 7.0")

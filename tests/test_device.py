@@ -1,0 +1,86 @@
+"""Each GPU generation gets its precision, a GPU the installed torch cannot drive is refused in one
+line before anything is written, and the explicit precisions run on the CPU as they would on a GPU."""
+import pytest
+import torch
+
+import s11lib.device as device_module
+from s11lib.config import Config
+from s11lib.device import arch_supported, auto_precision, check_arch, resolve_device, resolve_precision
+from s11lib.run import run
+
+CPU = torch.device("cpu")
+# torch 2.9's CUDA 12.8 wheel (torch.cuda.get_arch_list()): no sm_60 or sm_70 kernels, no PTX below 12.0.
+RECENT_WHEEL = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
+
+
+@pytest.mark.parametrize("capability, name, dtype", [
+    ((6, 0), "fp32", None),  # P100: no tensor cores
+    ((7, 0), "fp16", torch.float16),  # V100
+    ((7, 5), "fp16", torch.float16),  # T4: bf16 is emulated there, slower than fp32
+    ((8, 0), "bf16", torch.bfloat16),  # A100
+    ((8, 9), "bf16", torch.bfloat16),  # L4
+    ((9, 0), "bf16", torch.bfloat16),  # H100
+])
+def test_auto_precision_follows_the_compute_capability(capability, name, dtype):
+    precision = auto_precision(capability)
+    assert precision.name == name and precision.dtype == dtype
+    assert precision.scaled == (dtype == torch.float16)  # only fp16 needs loss scaling
+    assert f"compute capability {capability[0]}.{capability[1]}" in str(precision)
+
+
+def test_auto_is_fp32_on_the_cpu_and_explicit_values_hold_anywhere():
+    assert resolve_precision("auto", CPU).dtype is None
+    assert str(resolve_precision("auto", CPU)).startswith("fp32 (amp='auto' on the CPU")
+    assert resolve_precision("off", CPU).dtype is None
+    assert resolve_precision("bf16", CPU).dtype == torch.bfloat16 and not resolve_precision("bf16", CPU).scaled
+    fp16 = resolve_precision("fp16", CPU)
+    assert fp16.dtype == torch.float16 and fp16.scaled and fp16.grad_scaler(CPU).is_enabled()
+    assert not resolve_precision("bf16", CPU).grad_scaler(CPU).is_enabled()
+    with pytest.raises(ValueError, match=r"amp must be one of \('auto', 'bf16', 'fp16', 'off'\), got 'fp32'"):
+        resolve_precision("fp32", CPU)
+
+
+@pytest.mark.parametrize("capability, arch_list, supported", [
+    ((6, 0), RECENT_WHEEL, False),  # Kaggle's P100 with a recent wheel: "no kernel image is available"
+    ((7, 0), RECENT_WHEEL, False),  # V100
+    ((7, 5), RECENT_WHEEL, True),  # T4
+    ((8, 6), ["sm_80"], True),  # a cubin runs on later minor versions of its major
+    ((8, 0), ["sm_86"], False),  # ...not on earlier ones
+    ((9, 0), ["sm_80", "sm_86"], False),  # nor on another major
+    ((9, 0), ["sm_80", "compute_80"], True),  # PTX is compiled by the driver for newer GPUs
+    ((12, 0), RECENT_WHEEL, True),
+])
+def test_arch_support(capability, arch_list, supported):
+    assert arch_supported(capability, arch_list) is supported
+
+
+def test_an_unsupported_gpu_is_a_one_line_error():
+    with pytest.raises(ValueError) as e:
+        check_arch((6, 0), RECENT_WHEEL, "Tesla P100-PCIE-16GB")
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith("Tesla P100-PCIE-16GB (compute capability 6.0) is not supported by torch ")
+    assert "sm_75" in message and "device='cpu'" in message
+    check_arch((6, 0), [], "a build that reports no architectures")  # nothing to check against
+
+
+@pytest.fixture
+def p100(monkeypatch):
+    """torch.cuda as a recent wheel sees Kaggle's P100."""
+    cuda = device_module.torch.cuda
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(cuda, "get_device_capability", lambda device=None: (6, 0))
+    monkeypatch.setattr(cuda, "get_arch_list", lambda: RECENT_WHEEL)
+    monkeypatch.setattr(cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
+
+
+@pytest.mark.parametrize("name", ["auto", "cuda", "cuda:0"])
+def test_a_run_on_an_unsupported_gpu_stops_before_writing(p100, name, small_data, tmp_path):
+    with pytest.raises(ValueError, match=r"^Tesla P100-PCIE-16GB \(compute capability 6.0\) is not supported"):
+        resolve_device(name)
+    out_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match="is not supported by torch"):
+        run(Config(data_dir=str(small_data), out_dir=str(out_dir), download=False, device=name, width=4, epochs=1,
+                   val_size=0, progress=False))
+    assert not out_dir.exists()
