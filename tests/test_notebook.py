@@ -119,6 +119,7 @@ def test_colab_cell_in_colab_installs_enables_widgets_and_reports_the_gpu(name, 
         exec(_colab_cell(name), {})
     ((command, kwargs),) = commands
     assert command[1:4] == ["-m", "pip", "install"] and command[-1] == f"s11lib @ git+{_repository()}"
+    assert "--no-deps" in command  # Colab's torch, torchvision and ipywidgets stay as they are
     assert kwargs == {"check": True} and enabled == [True]
     assert out.getvalue().startswith("GPU: ")
 

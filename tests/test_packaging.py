@@ -24,3 +24,17 @@ def test_environment_yml_names_the_pyproject_packages():
             conda.add(CONDA_NAMES.get(_name(m.group(1)), _name(m.group(1))))
     assert conda == wanted
     assert {"torch", "torchvision", "jupyter", "ipywidgets", "papermill", "nbval", "matplotlib", "numpy"} <= wanted
+
+
+def test_ipywidgets_7_is_allowed_for_colab():
+    # Colab ships ipywidgets 7 and its support for 8 has been incomplete (googlecolab/colabtools
+    # #3020, #4525); the notebooks' Colab cell installs s11lib with --no-deps, and a pin to 8 would
+    # make every other pip install there replace Colab's widgets. The browser uses only widgets 7.6 has.
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (widgets,) = [Requirement(r) for r in project["dependencies"] if _name(r) == "ipywidgets"]
+    assert widgets.specifier.contains("7.7.1") and widgets.specifier.contains("8.1.5")
+    conda = [line.strip()[2:] for line in (ROOT / "environment.yml").read_text().splitlines()
+             if line.strip().startswith("- ipywidgets")]
+    assert [str(Requirement(c).specifier) for c in conda] == [str(widgets.specifier)]
