@@ -1,5 +1,6 @@
 """The benchmark scripts run (tiny sizes): a benchmark that cannot start is a benchmark nobody reruns.
 They measure nothing here; their figures live in docs/benchmarks.md and docs/recipe.md."""
+import csv
 import importlib.util
 import json
 from pathlib import Path
@@ -99,3 +100,19 @@ def test_early_rise_is_the_worst_climb_above_the_first_step():
     early_rise = _load("recipe").early_rise
     assert early_rise([2.3, 2.2, 2.0]) == 1.0
     assert early_rise([2.0, 3.0, 2.3]) == pytest.approx(1.5)
+
+
+def test_the_gpu_report_runs_in_its_tiny_mode(data_dir, tmp_path, capsys):
+    # What a GPU machine runs (bench/gpu_report.py), at toy sizes on the CPU: every configuration,
+    # the sync count, the profile, the checkpoint write and the pipelines' ratio.
+    report = _load("gpu_report")
+    assert report.main([str(tmp_path), "--data-dir", str(data_dir), "--device", "cpu", "--tiny"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "gpu_report.csv")))
+    assert [(r["precision"], r["layout"], r["mode"]) for r in rows] == [
+        (p, layout, mode) for mode in ("eager", "compiled") for p in ("fp32", "bf16", "fp16")
+        for layout in ("contiguous", "channels_last")]
+    assert all(float(r["step_ms"]) > 0 for r in rows)
+    assert all(float(r["syncs_per_step"]) == 0 for r in rows)  # none per step, in any configuration
+    markdown = (tmp_path / "gpu_report.md").read_text()
+    assert "| fp16 | channels_last | compiled |" in markdown and "GroupNorm (forward and backward): " in markdown
+    assert "last.pt: " in markdown and "standard pipeline" in markdown
