@@ -31,6 +31,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -51,7 +52,7 @@ MODES = ("eager", "compiled")
 CSV_COLUMNS = ("precision", "layout", "mode", "step_ms", "images_per_s", "compile_s", "syncs_per_step")
 
 
-def _pipelines():
+def _load_pipelines():
     """bench/pipelines.py (the standard pipeline and s11lib's), loaded from beside this file."""
     spec = importlib.util.spec_from_file_location("pipelines", Path(__file__).with_name("pipelines.py"))
     module = importlib.util.module_from_spec(spec)
@@ -59,14 +60,13 @@ def _pipelines():
     return module
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+pipelines = _load_pipelines()
+sync = pipelines.sync
 
 
 class HostReads(TorchDispatchMode):
     """Ops that make the host wait on the device: value reads (`.item()`, `bool(t)`) and tensors
-    built from Python data. The CPU stand-in for CUDA's sync debug mode."""
+    built from Python data (a pageable copy to the device). The CPU stand-in for CUDA's sync debug mode."""
 
     def __init__(self):
         super().__init__()
@@ -75,6 +75,23 @@ class HostReads(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += str(func).startswith(("aten._local_scalar_dense", "aten.lift_fresh"))
         return func(*args, **(kwargs or {}))
+
+
+def host_syncs(device: torch.device, work: Callable[[], object]) -> int:
+    """How many times `work()` makes the host wait for the device: CUDA's sync debug mode on a
+    GPU, HostReads elsewhere. tests/test_train.py and tests/test_gpu.py count with it too."""
+    if device.type != "cuda":
+        with HostReads() as mode:
+            work()
+        return mode.count
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            work()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 class Bench:
@@ -101,32 +118,22 @@ class Bench:
         return DeviceLoader(self.images[:n], self.labels[:n], self.args.batch_size, train_transforms(),
                             shuffle=True, device=self.device, drop_last=True)
 
+    def train(self, loader: DeviceLoader) -> None:
+        train_epoch(self.step_model, loader, self.optimizer, nn.CrossEntropyLoss(), 1, self.device,
+                    self.precision.dtype, progress=False, scaler=self.scaler)
+
     def epoch(self, steps: int) -> float:
         """Seconds for `steps` training steps (one train_epoch), synchronised."""
         loader = self.loader(steps)
         sync(self.device)
         start = time.perf_counter()
-        train_epoch(self.step_model, loader, self.optimizer, nn.CrossEntropyLoss(), 1, self.device,
-                    self.precision.dtype, progress=False, scaler=self.scaler)
+        self.train(loader)
         sync(self.device)
         return time.perf_counter() - start
 
     def syncs(self, steps: int) -> int:
         loader = self.loader(steps)
-        run = lambda: train_epoch(self.step_model, loader, self.optimizer, nn.CrossEntropyLoss(), 1,  # noqa: E731
-                                  self.device, self.precision.dtype, progress=False, scaler=self.scaler)
-        if self.device.type != "cuda":
-            with HostReads() as mode:
-                run()
-            return mode.count
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                run()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        return sum("synchroniz" in str(w.message) for w in caught)
+        return host_syncs(self.device, lambda: self.train(loader))
 
 
 def measure(args, device, amp, layout, mode) -> dict:
@@ -178,7 +185,6 @@ def checkpoint_write(args, device, out_dir: Path) -> tuple[float, float]:
 
 def pipelines_ratio(args, device) -> dict:
     """One epoch (train + test) each way, after a warm-up epoch, on the same GPU (bench/pipelines.py)."""
-    pipelines = _pipelines()
     precision = resolve_precision("auto", device)
     config = Config(lr=0.05, batch_size=args.batch_size, width=args.width)
     std_train, std_test = pipelines.standard_loaders(args.data_dir, args.train_images, args.test_images,
@@ -247,7 +253,7 @@ def main(argv=None) -> int:
                       f"{row['images_per_s']:>8} img/s  syncs/step {row['syncs_per_step']}"
                       + (f"  compile {row['compile_s']} s" if mode == "compiled" else ""), flush=True)
     auto = resolve_precision("auto", device)
-    share, timed_by = group_norm_share(args, device, {"fp32": "off"}.get(auto.name, auto.name))
+    share, timed_by = group_norm_share(args, device, "auto")
     print(f"GroupNorm: {share:.1f}% of the {timed_by} of an eager {auto.name} step", flush=True)
     write_s, write_mb = checkpoint_write(args, device, args.out_dir)
     print(f"last.pt: {write_mb:.1f} MB written in {write_s:.3f} s", flush=True)

@@ -28,8 +28,8 @@ LR_REFERENCE_BATCH = 512
 # Config's annotations (strings: `from __future__ import annotations`) as the types they admit.
 _TYPES = {"str": (str,), "bool": (bool,), "int": (int,), "float": (float,), "int | None": (int, None)}
 _TYPE_NAMES = {str: "a string", bool: "True or False", int: "an integer", float: "a number", None: "None"}
-# The string parameters that take one of a few values (amp was a bool before "auto": amp=True
-# from an old parameters file gets the choices, not "must be a string").
+# The string parameters that take one of a few values, checked in one place. amp was a bool
+# before "auto": amp=True from an old parameters file gets the choices, not "must be a string".
 _CHOICES = {"amp": AMPS, "init": INITS, "plateau_metric": PLATEAU_METRICS}
 
 
@@ -86,11 +86,9 @@ class Config:
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
             (self.warmup_min_steps >= 0, f"warmup_min_steps must be >= 0, got {self.warmup_min_steps}"),
-            (self.init in INITS, f"init must be one of {INITS}, got {self.init!r}"),
-            (self.amp in AMPS, f"amp must be one of {AMPS}, got {self.amp!r}"),
+            *((getattr(self, name) in choices, f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+              for name, choices in _CHOICES.items()),
             (self.val_size >= 0, f"val_size must be >= 0, got {self.val_size}"),
-            (self.plateau_metric in PLATEAU_METRICS,
-             f"plateau_metric must be one of {PLATEAU_METRICS}, got {self.plateau_metric!r}"),
             (0 < self.plateau_factor < 1, f"plateau_factor must be in (0, 1), got {self.plateau_factor}"),
             (self.plateau_patience >= 0, f"plateau_patience must be >= 0, got {self.plateau_patience}"),
             (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),

@@ -104,8 +104,7 @@ def resolve_precision(amp: str, device: torch.device) -> Precision:
         return Precision(DTYPES[amp], f"amp={amp!r}")
     if device.type != "cuda":
         return Precision(None, f"amp='auto' on the {device.type.upper()}: autocast there is slower than fp32")
-    major, minor = torch.cuda.get_device_capability(device)
-    return auto_precision((major, minor))
+    return auto_precision(torch.cuda.get_device_capability(device))
 
 
 def auto_precision(capability: tuple[int, int]) -> Precision:

@@ -7,6 +7,7 @@ pytest run says so: nothing is skipped silently.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 import tempfile
@@ -107,6 +108,20 @@ def write_cifar_layout(root: Path, train_per_batch: int = SYNTHETIC_TRAIN_PER_BA
                      "label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                                      "ship", "truck"]}, f, protocol=2)
     return root
+
+
+def load_bench(name: str):
+    """bench/NAME.py as a module (bench/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def host_syncs():
+    """bench/gpu_report.py's counter of the times a piece of work makes the host wait for the device."""
+    return load_bench("gpu_report").host_syncs
 
 
 @pytest.fixture(scope="session")

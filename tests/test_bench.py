@@ -1,21 +1,12 @@
 """The benchmark scripts run (tiny sizes): a benchmark that cannot start is a benchmark nobody reruns.
 They measure nothing here; their figures live in docs/benchmarks.md and docs/recipe.md."""
 import csv
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).parents[1] / "bench"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_bench as _load
 
 
 def test_the_benchmark_runs_and_prints_its_table(data_dir, capsys):

@@ -3,8 +3,6 @@ and no host sync per step (CUDA's sync debug mode). Skipped, with the reason, on
 one; everything here also runs on the CPU in the other test files (fp16 + GradScaler, fused SGD,
 compile, channels_last), with bit-equality only there.
 """
-import warnings
-
 import pytest
 import torch
 from torch import nn
@@ -45,7 +43,7 @@ def test_two_epochs_train_and_the_run_resumes(data_dir, tmp_path, amp):
     assert bool(last["scaler"]) == (resolve_precision(amp, CUDA).scaled)
 
 
-def _sync_warnings(batches: int, amp: str) -> int:
+def _syncs(batches: int, amp: str, host_syncs) -> int:
     precision = resolve_precision(amp, CUDA)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (64 * batches, 3, 32, 32), dtype=torch.uint8, generator=g)
@@ -58,18 +56,14 @@ def _sync_warnings(batches: int, amp: str) -> int:
     train_epoch(model, train, optimizer, nn.CrossEntropyLoss(), 1, CUDA, precision.dtype, progress=False,
                 scaler=scaler)  # warm-up: constants, cuDNN, the scaler's tensors
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            train_epoch(model, train, optimizer, nn.CrossEntropyLoss(), 2, CUDA, precision.dtype, progress=False,
-                        scaler=scaler)
-            evaluate(model, test, nn.CrossEntropyLoss(), CUDA, precision.dtype)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+
+    def epoch():
+        train_epoch(model, train, optimizer, nn.CrossEntropyLoss(), 2, CUDA, precision.dtype, progress=False,
+                    scaler=scaler)
+        evaluate(model, test, nn.CrossEntropyLoss(), CUDA, precision.dtype)
+    return host_syncs(CUDA, epoch)  # CUDA's sync debug mode
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_no_host_sync_per_step(amp):
-    assert _sync_warnings(2, amp) == _sync_warnings(6, amp)
+def test_no_host_sync_per_step(amp, host_syncs):
+    assert _syncs(2, amp, host_syncs) == _syncs(6, amp, host_syncs)

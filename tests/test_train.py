@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from s11lib.config import Config
 from s11lib.loaders import DeviceLoader
@@ -205,25 +204,11 @@ def test_with_a_weight_average_best_pt_holds_the_average(data_dir, tmp_path):
 
 
 # --- host reads: the GPU must not wait for the host during an epoch ----------------------------------
-class HostReads(TorchDispatchMode):
-    """Counts the ops that make the host wait for the device: reading a value back (`.item()`,
-    `bool(t)`, `int(t)`: aten._local_scalar_dense) and tensors built from Python data
-    (`torch.tensor(...)`: aten.lift_fresh, a pageable copy to the device). On a GPU each is a sync."""
-
-    SYNCING = ("aten._local_scalar_dense", "aten.lift_fresh")
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += str(func).startswith(self.SYNCING)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("amp", ["off", "fp16"])
-def test_no_host_read_per_step(amp):
-    # fp16: the GradScaler's scale and overflow flag stay device tensors, handed to the fused kernel.
+def test_no_host_read_per_step(amp, host_syncs):
+    # Counted at the dispatcher: value reads (.item(), bool(t)) and tensors built from Python data,
+    # each a sync on a GPU. fp16: the GradScaler's scale and overflow flag stay device tensors,
+    # handed to the fused kernel.
     from s11lib.device import resolve_precision
 
     precision = resolve_precision(amp, torch.device("cpu"))
@@ -234,12 +219,13 @@ def test_no_host_read_per_step(amp):
 
     def reads(batches: int, progress: bool) -> int:
         loader = DeviceLoader(images[: 16 * batches], labels[: 16 * batches], 16, train_tf, shuffle=True)
-        with HostReads() as mode:
+
+        def epoch():
             train_epoch(model, loader, optimizer, nn.CrossEntropyLoss(), 1, torch.device("cpu"), precision.dtype,
                         progress=progress, scaler=scaler)
             evaluate(model, DeviceLoader(images[: 16 * batches], labels[: 16 * batches], 16, test_transforms()),
                      nn.CrossEntropyLoss(), torch.device("cpu"), precision.dtype)
-        return mode.count
+        return host_syncs(torch.device("cpu"), epoch)
 
     reads(1, False)  # the first call makes the normalisation constants and the scaler's tensors
     assert reads(2, False) == reads(6, False) <= 6  # a few at the end of each loop, none per step
