@@ -12,7 +12,8 @@ as if it had never stopped; on the CPU the result is bit for bit that of an unin
 continuing); in a run with a weight average (`ema_decay`), the average's weights, which last.pt
 keeps under "ema" beside the raw ones. The epoch loop writes last.pt, then best.pt, then
 metrics.csv, each atomically, so a crash between two of them leaves either files that agree or a
-best.pt one epoch behind last.pt, which `resume_point` repairs from last.pt.
+best.pt one epoch behind last.pt, which `repair_best` rewrites from last.pt. In a data-parallel run
+rank 0 alone writes them, and alone reads them back (s11lib/distributed.py).
 
 Every checkpoint is read with `torch.load(..., weights_only=True)`: tensors, numbers, strings and
 containers only, so a crafted file cannot run code. Anything unreadable, foreign or from a run
@@ -44,7 +45,8 @@ class CheckpointError(ValueError):
 
 def rng_state(device: torch.device) -> dict:
     """Every random number generator a run on `device` draws from, in a form weights_only loading
-    accepts. Of the CUDA generators only the run device's: the others' draws do not shape the run."""
+    accepts. Of the CUDA generators only the run device's: the others' draws do not shape the run.
+    (In a data-parallel run every rank draws alike, so rank 0's states are every rank's.)"""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
@@ -140,25 +142,44 @@ def incompatible_settings(saved: dict, config: Config) -> list[str]:
 
 @dataclass
 class ResumePoint:
-    last: dict  # the last.pt state
+    """Where a run stopped, as read from out_dir: everything rank 0 of a data-parallel run sends to
+    the others (s11lib/distributed.py), so only it ever reads out_dir."""
+
+    last: dict  # the last.pt state, on the CPU
     best_epoch: int
     best_value: float
     rows: list[dict]
     best_on_disk: int | None  # the epoch best.pt holds, None when there is no best.pt
+    path: Path  # of last.pt, for messages
 
     @property
     def epoch(self) -> int:
         return self.last["epoch"]
 
+    def load_into(self, model: nn.Module, optimizer, scheduler, scaler, average=None) -> None:
+        """Load the states of last.pt into model, optimizer, scheduler, GradScaler and weight average
+        (None: the run keeps none); one that does not fit is a CheckpointError."""
+        path = self.path
+        load_model_state(model, self.last, path)
+        try:
+            load_optimizer_state(optimizer, self.last["optimizer"])
+            scheduler.load_state_dict(self.last["scheduler"])
+            if self.last["scaler"]:  # empty: saved with the scaler disabled (bf16 or fp32), nothing to restore
+                scaler.load_state_dict(self.last["scaler"])
+            if average is not None:
+                average.load_state_dict(self.last["ema"])
+        except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
+            raise CheckpointError(f"{path}: optimizer, scheduler, scaler or weight-average state does not fit "
+                                  f"({_reason(e)})") from None
 
-def resume_point(out_dir: Path, config: Config, model: nn.Module, optimizer, scheduler, scaler,
-                 average=None) -> ResumePoint | None:
-    """Load out_dir's last.pt into model, optimizer, scheduler, GradScaler and weight average; None
-    when there is none.
+
+def read_resume_point(out_dir: Path, config: Config) -> ResumePoint | None:
+    """Read out_dir's last.pt (and check its best.pt) for continuing with `config`; None when there
+    is no last.pt.
 
     Writes nothing: every problem (unloadable file, other settings, more epochs done than asked)
-    is raised before the run touches out_dir. Call `restore` afterwards to set the RNGs and
-    repair best.pt.
+    is raised before the run touches out_dir. Then `ResumePoint.load_into` the run's objects,
+    `set_rng_state(point.last["rng"], ...)`, and `repair_best`.
     """
     path = out_dir / LAST
     if not path.is_file():
@@ -179,27 +200,15 @@ def resume_point(out_dir: Path, config: Config, model: nn.Module, optimizer, sch
     best_on_disk = None  # a crafted best.pt fails now, not after training
     if (out_dir / BEST).exists():
         best_on_disk = load_checkpoint(out_dir / BEST, map_location="cpu")["epoch"]
-    load_model_state(model, last, path)
-    try:
-        load_optimizer_state(optimizer, last["optimizer"])
-        scheduler.load_state_dict(last["scheduler"])
-        if last["scaler"]:  # empty: saved with the scaler disabled (bf16 or fp32), nothing to restore
-            scaler.load_state_dict(last["scaler"])
-        if average is not None:
-            average.load_state_dict(last["ema"])
-    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
-        raise CheckpointError(f"{path}: optimizer, scheduler, scaler or weight-average state does not fit "
-                              f"({_reason(e)})") from None
     best = last["best"]
     if best_on_disk != best["epoch"] and best["epoch"] != last["epoch"]:  # only the newest can be missing
         raise CheckpointError(f"{out_dir / BEST} holds epoch {best_on_disk}, but {LAST} says the best is epoch "
                               f"{best['epoch']}; pass resume=False to start over")
     return ResumePoint(last, int(best["epoch"]), float(best["value"]), [dict(r) for r in last["history"]],
-                       best_on_disk)
+                       best_on_disk, path)
 
 
-def restore(point: ResumePoint, out_dir: Path, device: torch.device) -> None:
-    """Set the RNGs to where last.pt left them, and rewrite best.pt if the crash came before it."""
-    set_rng_state(point.last["rng"], device)
+def repair_best(point: ResumePoint, out_dir: Path) -> None:
+    """Rewrite best.pt from last.pt if the crash came before it was written."""
     if point.best_on_disk != point.best_epoch:
         save_best(out_dir / BEST, point.last)

@@ -15,6 +15,7 @@ per-image Python.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import os
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 from s11lib.config import val_size_error
 from s11lib.constants import IMAGE_SHAPE, NUM_CLASSES
+from s11lib.distributed import Ranks
 from s11lib.utils import atomic
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -190,7 +192,13 @@ def _download_into(root: Path, url: str, md5: str) -> Path:
             # The "data" filter refuses absolute paths, links out of the folder and devices.
             tar.extractall(unpacked, members=members, filter="data")
         target = root / FOLDER
-        os.replace(unpacked / FOLDER, target)
+        try:
+            os.replace(unpacked / FOLDER, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            # Another process (a data-parallel run's other machine, on a shared disk) unpacked the
+            # same archive there first: keep its folder, ours is removed with the temporary one.
     return target
 
 
@@ -221,6 +229,9 @@ class DeviceLoader:
         drop_last: skip the last, smaller batch of each pass (training: a step on a handful of
             images is a noisy step; with shuffling every image is still seen). Ignored when the
             set is smaller than one batch.
+
+    `sharded(ranks)` gives the same loader for one rank of a data-parallel run: it yields that
+    rank's share of each batch (s11lib/distributed.py).
     """
 
     def __init__(
@@ -248,6 +259,21 @@ class DeviceLoader:
         self.transform = transform
         self.shuffle = shuffle
         self.drop_last = drop_last and len(images) >= batch_size
+        self.ranks = Ranks()
+
+    def sharded(self, ranks: Ranks) -> "DeviceLoader":
+        """This loader for one rank: the same batches, order and augmentation draws on every rank,
+        each rank yielding only its contiguous share of each batch (`Ranks.part`). The images are
+        shared with this loader, not copied.
+
+        Every rank keeps the whole split on its device and draws the shuffle and, when the transform
+        has `sample` and `apply` (TrainTransform), the parameters of the whole batch from the same
+        generators; it then keeps its share. A rank whose share of a small last batch is empty skips
+        that batch (evaluation only: a training batch splits evenly, see s11lib/distributed.py).
+        """
+        shard = copy.copy(self)
+        shard.ranks = ranks
+        return shard
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -262,13 +288,20 @@ class DeviceLoader:
         n = len(self.images)
         order = torch.randperm(n, device=self.device) if self.shuffle else None
         for start in range(0, len(self) * self.batch_size, self.batch_size):
+            whole = min(self.batch_size, n - start)
+            part = self.ranks.part(whole)
+            if part.start == part.stop:
+                continue
+            mine = slice(start + part.start, start + part.stop)
             if order is None:
-                sl = slice(start, start + self.batch_size)
-                x, y = self.images[sl], self.labels[sl]
+                x, y = self.images[mine], self.labels[mine]
             else:
-                idx = order[start : start + self.batch_size]
+                idx = order[mine]
                 x, y = self.images[idx], self.labels[idx]
-            yield self.transform(x), y
+            if len(x) < whole and hasattr(self.transform, "sample"):
+                yield self.transform.apply(x, self.transform.sample(x, count=whole)[part]), y
+            else:
+                yield self.transform(x), y
 
 
 @dataclass

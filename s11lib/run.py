@@ -8,6 +8,10 @@ or, without Jupyter (e.g. on a GPU machine with no papermill):
 
     python -m s11lib.run --data-dir data --out-dir runs/train --epochs 40
 
+or data-parallel on several GPUs or machines (s11lib/distributed.py):
+
+    torchrun --standalone --nproc-per-node 8 -m s11lib.run --data-dir data --out-dir runs/train
+
 `notebooks/train.ipynb` calls the same `run`. It writes OUTPUT_FILES into `out_dir`, each one
 atomically. Run it again with the same `out_dir` after a crash and it continues from last.pt
 (s11lib/checkpoint.py); with `resume=False` it starts over.
@@ -15,6 +19,7 @@ atomically. Run it again with the same `out_dir` after a crash and it continues 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import difflib
@@ -23,17 +28,20 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from s11lib import checkpoint
+from s11lib import checkpoint, distributed
 from s11lib.config import LR_REFERENCE_BATCH, Config, field_help
 from s11lib.constants import CLASSES, NUM_CLASSES
-from s11lib.device import Precision, resolve_device, resolve_precision
+from s11lib.device import Precision, resolve_precision
+from s11lib.distributed import Ranks
 from s11lib.loaders import Loaders, build_loaders
 from s11lib.models import resnet18
 from s11lib.optim import WeightAverage, Warmup, make_optimizer, make_scheduler
@@ -98,25 +106,39 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return [{k: (None if v == "" else int(v) if k == "epoch" else float(v)) for k, v in r.items()} for r in rows]
 
 
-def run(config: Config) -> RunResult:
+def run(config: Config) -> RunResult | None:
     """Train (or continue training), checkpoint, then find and explain the mistakes of the best checkpoint.
 
     With `config.resume` and a last.pt in out_dir, the run continues from it. Every bad input
     (config, device, data, Grad-CAM layer, out_dir, an unloadable or foreign checkpoint) fails
     before the first file is written.
+
+    Under torchrun the processes train one model data-parallel (s11lib/distributed.py); rank 0
+    writes the files, prints, explains and returns the result, the other ranks return None.
     """
-    device = resolve_device(config.device)
+    with distributed.launch(config.device, config.batch_size) as (ranks, device):
+        # The other ranks print nothing: their stdout would repeat rank 0's (errors still show).
+        with open(os.devnull, "w") if not ranks.is_main else contextlib.nullcontext(sys.stdout) as out, \
+                contextlib.redirect_stdout(out):
+            return _run(config, ranks, device)
+
+
+def _run(config: Config, ranks: Ranks, device: torch.device) -> RunResult | None:
     precision = resolve_precision(config.amp, device)
     if device.type == "cuda":
         # cuDNN times its convolution algorithms for each new shape once and keeps the fastest: a
         # run has three or four shapes (training, evaluation, their last batches).
         torch.backends.cudnn.benchmark = True
-    seed_everything(config.seed)
+    seed_everything(config.seed)  # the same seed on every rank: the same model and the same draws
     model = resnet18(NUM_CLASSES, width=config.width, zero_init_residual=config.zero_init_residual, init=config.init)
     resolve_layer(model, config.gradcam_layer)  # an unknown layer fails now, not after 40 epochs
     train_tf, test_tf = train_transforms(), test_transforms()
-    data: Loaders = build_loaders(config.data_dir, config.batch_size, device, train_tf, test_tf, config.download,
-                                  config.train_subset, config.test_subset, config.val_size)
+    with distributed.local_main_first(ranks):  # one download per machine
+        data: Loaders = build_loaders(config.data_dir, config.batch_size, device, train_tf, test_tf,
+                                      config.download, config.train_subset, config.test_subset, config.val_size)
+    if ranks.distributed and len(data.train) * config.batch_size > data.train.num_images:
+        raise ValueError(f"{data.train.num_images} training images are fewer than one batch of {config.batch_size}: "
+                         "the ranks could not share it evenly; pass a smaller batch_size or more images")
     # channels_last: the weights alone are enough, each convolution then returns NHWC (and turns
     # the 3-channel input itself).
     model = model.to(device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
@@ -125,25 +147,22 @@ def run(config: Config) -> RunResult:
     scaler = precision.grad_scaler(device)
     average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
     out_dir = Path(config.out_dir)
-    resumed = checkpoint.resume_point(out_dir, config, model, optimizer, scheduler, scaler, average) \
+    resumed = distributed.on_main(ranks, lambda: checkpoint.read_resume_point(out_dir, config)) \
         if config.resume else None
-    _check_writable(out_dir)
-    with atomic.exclusive(out_dir):
-        atomic.remove_leftovers(out_dir)
+    if resumed:
+        resumed.load_into(model, optimizer, scheduler, scaler, average)
+    with contextlib.ExitStack() as claimed:  # rank 0's lock on out_dir, held to the end of the run
+        distributed.on_main(ranks, lambda: _claim(out_dir, config, resumed, claimed))
         if resumed:
-            checkpoint.restore(resumed, out_dir, device)
-        else:
-            stale = [out_dir / name for name in OUTPUT_FILES if (out_dir / name).exists()]
-            for path in stale:  # a fresh start must not leave another run's best.pt or figures behind
-                path.unlink()
-            if stale:
-                print(f"resume=False: starting over in {out_dir} (removed the previous run's files)")
-        atomic.save_json(config.to_dict(), out_dir / "config.json")
+            checkpoint.set_rng_state(resumed.last["rng"], device)
         print(model_summary(model, device=device))
         held_out = f"{data.val.num_images} validation" if data.val else "no validation (the test set is watched)"
         print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
               f"torch {torch.__version__}; precision: {precision}; compile: {config.compile}, "
               f"channels_last: {config.channels_last}")
+        if ranks.distributed:
+            print(f"data-parallel: {ranks.world_size} processes ({torch.distributed.get_backend()}), "
+                  f"{config.batch_size // ranks.world_size} of each batch of {config.batch_size} images per process")
         print(f"data: {data.train.num_images} training, {held_out}, {data.test.num_images} test images")
         print(f"train transforms: {train_tf}")
         warmup = Warmup.of(config, len(data.train))
@@ -152,15 +171,35 @@ def run(config: Config) -> RunResult:
               f"warm-up {warmup.steps} steps, then ReduceLROnPlateau on {_watched(config, data)}")
         sys.stdout.flush()  # before the progress bars on stderr: a notebook then shows the two in order
         rows, best_epoch, step_losses = _train(model, data, optimizer, scheduler, scaler, warmup, average, config,
-                                               device, precision, out_dir, resumed)
+                                               device, precision, out_dir, resumed, ranks)
+        if not ranks.is_main:
+            return None
         result = explain(model, data, config, device, out_dir, rows, best_epoch)
         result.step_losses = step_losses
         return result
 
 
+def _claim(out_dir: Path, config: Config, resumed: checkpoint.ResumePoint | None,
+           claimed: contextlib.ExitStack) -> None:
+    """Make out_dir this run's (rank 0 only): lock it, clear what a crash or another run left, and
+    write config.json."""
+    _check_writable(out_dir)
+    claimed.enter_context(atomic.exclusive(out_dir))
+    atomic.remove_leftovers(out_dir)
+    if resumed:
+        checkpoint.repair_best(resumed, out_dir)
+    else:
+        stale = [out_dir / name for name in OUTPUT_FILES if (out_dir / name).exists()]
+        for path in stale:  # a fresh start must not leave another run's best.pt or figures behind
+            path.unlink()
+        if stale:
+            print(f"resume=False: starting over in {out_dir} (removed the previous run's files)")
+    atomic.save_json(config.to_dict(), out_dir / "config.json")
+
+
 def _train(model, data: Loaders, optimizer, scheduler, scaler, warmup: Warmup, average: WeightAverage | None,
            config: Config, device, precision: Precision, out_dir: Path,
-           resumed: checkpoint.ResumePoint | None) -> tuple[list[dict], int, torch.Tensor]:
+           resumed: checkpoint.ResumePoint | None, ranks: Ranks = Ranks()) -> tuple[list[dict], int, torch.Tensor]:
     """The epoch loop, from the first epoch or from where `resumed` stopped.
 
     With a weight average, both the weights and their average are evaluated each epoch. The
@@ -172,22 +211,41 @@ def _train(model, data: Loaders, optimizer, scheduler, scaler, warmup: Warmup, a
     weights are the same tensors, so checkpoints hold the plain module's keys, and the weight
     average and everything after training (Grad-CAM hooks, the summary) use the eager module.
 
+    Data-parallel (`ranks`), training runs DistributedDataParallel around that wrapper (torch's
+    advice: compile the inner module), each rank on its share of every batch; evaluation runs the
+    wrapper itself on each rank's share, and every figure is summed over the ranks before it is
+    used, so all ranks take the same decisions. Rank 0 alone writes.
+
     Returns the metrics rows, the best epoch and the loss of every step this call took."""
     amp_dtype = precision.dtype
     # dynamic=None: the first shape compiles static; evaluation's smaller last batch compiles once
     # more with a dynamic batch size, which then serves every split's last batch, every epoch.
     step_model = torch.compile(model) if config.compile else model
+    train_model = step_model
+    reduce = None
+    if ranks.distributed:
+        train_model = DistributedDataParallel(step_model, device_ids=[device] if device.type == "cuda" else None)
+        # Compiled, the shortcuts' 1x1 weight gradients come with strides that differ from their
+        # parameters' only along the 1-sized dimensions: the same memory order, which DDP's check
+        # (reducer.cpp) flags anyway. DDP copies every gradient into its buckets, so nothing is lost.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        reduce = distributed.sum_over_ranks
+        data = Loaders(*(loader.sharded(ranks) if loader else None for loader in (data.train, data.val, data.test)))
     train_loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     eval_loss_fn = nn.CrossEntropyLoss()
+    evaluate_on = functools.partial(evaluate, criterion=eval_loss_fn, device=device, amp_dtype=amp_dtype,
+                                    sum_over_ranks=reduce)
     steps_per_epoch = len(data.train)
     watched = _watched(config, data)
     select_on = ("ema_" if average else "") + ("val_acc" if data.val else "test_acc")
 
-    rows: list[dict] = _with_written_seconds(resumed.rows, out_dir / "metrics.csv") if resumed else []
+    rows: list[dict] = []
     step_losses = []
     best_epoch, best_acc = (resumed.best_epoch, resumed.best_value) if resumed else (0, -1.0)
     if resumed:
-        write_metrics(rows, out_dir / "metrics.csv")  # a crash may have come before it was written
+        rows = distributed.on_main(ranks, lambda: _with_written_seconds(resumed.rows, out_dir / "metrics.csv"))
+        if ranks.is_main:
+            write_metrics(rows, out_dir / "metrics.csv")  # a crash may have come before it was written
         print(f"resuming from {out_dir / checkpoint.LAST}: {resumed.epoch} of {config.epochs} epochs done, "
               f"best {select_on} {best_acc:.2f}% at epoch {best_epoch}")
     for epoch in range(len(rows) + 1, config.epochs + 1):
@@ -197,20 +255,20 @@ def _train(model, data: Loaders, optimizer, scheduler, scaler, warmup: Warmup, a
             warmup.apply(optimizer, (epoch - 1) * steps_per_epoch + batch)
 
         after_warmup = warmup.over_after((epoch - 1) * steps_per_epoch)  # the whole epoch at the plateau's rate
-        train = train_epoch(step_model, data.train, optimizer, train_loss_fn, epoch, device, amp_dtype,
-                            None if after_warmup else warm_up, config.progress, average.update if average else None,
-                            scaler)
+        train = train_epoch(train_model, data.train, optimizer, train_loss_fn, epoch, device, amp_dtype,
+                            None if after_warmup else warm_up, config.progress and ranks.is_main,
+                            average.update if average else None, scaler, reduce)
         step_losses.append(train.step_losses)
-        val, _ = evaluate(step_model, data.val, eval_loss_fn, device, amp_dtype) if data.val else (None, None)
-        test, _ = evaluate(step_model, data.test, eval_loss_fn, device, amp_dtype)
+        val, _ = evaluate_on(step_model, data.val) if data.val else (None, None)
+        test, _ = evaluate_on(step_model, data.test)
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],  # the LR this epoch trained with
                "train_loss": round(train.loss, 6), "train_acc": round(train.accuracy, 4),
                **_scores("val", val), **_scores("test", test)}
         ema_val = ema_test = None
         if average:
-            ema_test, _ = evaluate(average.module, data.test, eval_loss_fn, device, amp_dtype)
+            ema_test, _ = evaluate_on(average.module, data.test)
             if data.val:
-                ema_val, _ = evaluate(average.module, data.val, eval_loss_fn, device, amp_dtype)
+                ema_val, _ = evaluate_on(average.module, data.val)
         row.update(**_scores("ema_val", ema_val), **_scores("ema_test", ema_test))
         if after_warmup:
             scheduler.step(row[watched])
@@ -227,15 +285,16 @@ def _train(model, data: Loaders, optimizer, scheduler, scaler, warmup: Warmup, a
         improved = row[select_on] > best_acc
         if improved:
             best_epoch, best_acc = epoch, row[select_on]
-        # last.pt first: it alone decides where a resumed run starts (see s11lib/checkpoint.py).
-        last = checkpoint.save_last(out_dir / checkpoint.LAST, model, optimizer, scheduler, scaler, average, epoch,
-                                    config, rows, best_epoch, best_acc, select_on, device)
-        if improved:
-            checkpoint.save_best(out_dir / checkpoint.BEST, last)
-        # The epoch's wall time, its checkpoint writes included (last.pt, written before the time
-        # was known, keeps the figure without them until the next epoch's last.pt).
-        row["seconds"] = round(time.perf_counter() - start, 3)
-        write_metrics(rows, out_dir / "metrics.csv")
+        if ranks.is_main:
+            # last.pt first: it alone decides where a resumed run starts (see s11lib/checkpoint.py).
+            last = checkpoint.save_last(out_dir / checkpoint.LAST, model, optimizer, scheduler, scaler, average,
+                                        epoch, config, rows, best_epoch, best_acc, select_on, device)
+            if improved:
+                checkpoint.save_best(out_dir / checkpoint.BEST, last)
+            # The epoch's wall time, its checkpoint writes included (last.pt, written before the time
+            # was known, keeps the figure without them until the next epoch's last.pt).
+            row["seconds"] = round(time.perf_counter() - start, 3)
+            write_metrics(rows, out_dir / "metrics.csv")
     print(f"best checkpoint: epoch {best_epoch} ({select_on} {best_acc:.2f}%)")
     return rows, best_epoch, torch.cat(step_losses) if step_losses else torch.zeros(0)
 
@@ -334,7 +393,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m s11lib.run", description=__doc__.split("\n")[0],
                      usage="%(prog)s [--NAME VALUE ...]", allow_abbrev=False,  # --epoch is not --epochs
                      epilog="Each option is a parameter of s11lib/config.py; the notebook's papermill parameters "
-                            "have the same names with underscores.")
+                            "have the same names with underscores. Launched by torchrun, the processes train "
+                            "data-parallel with batch_size as the global batch (README: Several GPUs).")
     helps = field_help()
     for f in dataclasses.fields(Config):
         parse = functools.partial(_parse_value, annotation=str(f.type))
@@ -357,12 +417,35 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(Config(**vars(args)))
     except ValueError as e:  # bad input: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e, 2)
     except NonFiniteLossError as e:  # the run diverged; last.pt still holds the last good epoch
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _fail(e, 1)
     return 0
+
+
+# How long a rank other than 0 keeps an error to itself (see _fail).
+QUIET_SECONDS = 2.0
+
+
+def _fail(error: Exception, code: int) -> int:
+    """Print `error` in one line and return the exit status. Under torchrun, rank 0 prints at once;
+    another rank first waits QUIET_SECONDS: an error every rank meets (a bad launch, bad input)
+    reaches rank 0 too, which prints it, and torchrun stops the others meanwhile. So the line
+    appears once, and an error of one rank alone is still printed, with the rank."""
+    ranks = _ranks_or_none()
+    prefix = "error"
+    if ranks is not None and not ranks.is_main:
+        time.sleep(QUIET_SECONDS)
+        prefix = f"error (rank {ranks.rank})"
+    print(f"{prefix}: {error}", file=sys.stderr)
+    return code
+
+
+def _ranks_or_none() -> Ranks | None:
+    try:
+        return Ranks.from_env()
+    except ValueError:  # a broken torchrun environment: that is the error being reported
+        return None
 
 
 if __name__ == "__main__":

@@ -35,6 +35,10 @@ class AugmentParams:
     angles: torch.Tensor  # (N,) float32 degrees, counter-clockwise (torchvision's convention)
     cutout_centers: torch.Tensor  # (N, 2) int64: (row, col) of the hole's centre
 
+    def __getitem__(self, rows: slice) -> "AugmentParams":
+        """The draws of some of the images: one rank's share of a batch drawn whole."""
+        return AugmentParams(self.crop_offsets[rows], self.angles[rows], self.cutout_centers[rows])
+
 
 def random_crop(images: torch.Tensor, offsets: torch.Tensor, padding: int) -> torch.Tensor:
     """Zero-pad by `padding` on each side, then take each image's window at its (top, left).
@@ -143,10 +147,16 @@ class TrainTransform:
         self.std = tuple(std)
         self.interpolation = interpolation
 
-    def sample(self, images: torch.Tensor, generator: torch.Generator | None = None) -> AugmentParams:
-        """Draw fresh parameters for every image of the batch, on the batch's device."""
+    def sample(self, images: torch.Tensor, generator: torch.Generator | None = None,
+               count: int | None = None) -> AugmentParams:
+        """Draw fresh parameters for every image of the batch, on the batch's device.
+
+        `count`: draw for this many images of the batch's size instead, e.g. the whole global batch
+        of which `images` is one rank's share (the draws are then those of a single process).
+        """
         _check_batch(images)
-        n, _, h, w = images.shape
+        _, _, h, w = images.shape
+        n = len(images) if count is None else count
         dev = images.device
         offsets = torch.randint(0, 2 * self.padding + 1, (n, 2), device=dev, generator=generator)
         unit = torch.rand(n, device=dev, generator=generator)

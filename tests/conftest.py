@@ -118,6 +118,18 @@ def load_bench(name: str):
     return module
 
 
+def fake_cuda(monkeypatch, count: int, capability: tuple[int, int], arch_list: list[str], name: str) -> None:
+    """torch.cuda as a machine with `count` GPUs of this kind shows it to an installed torch built
+    for `arch_list`."""
+    import torch
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "device_count", lambda: count)
+    monkeypatch.setattr(cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(cuda, "get_arch_list", lambda: arch_list)
+    monkeypatch.setattr(cuda, "get_device_name", lambda device=None: name)
+
+
 @pytest.fixture(scope="session")
 def host_syncs():
     """bench/gpu_report.py's counter of the times a piece of work makes the host wait for the device."""

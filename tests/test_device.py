@@ -3,7 +3,7 @@ line before anything is written, and the explicit precisions run on the CPU as t
 import pytest
 import torch
 
-import s11lib.device as device_module
+from conftest import fake_cuda
 from s11lib.config import Config
 from s11lib.device import arch_supported, auto_precision, check_arch, resolve_device, resolve_precision
 from s11lib.run import run
@@ -67,12 +67,7 @@ def test_an_unsupported_gpu_is_a_one_line_error():
 @pytest.fixture
 def p100(monkeypatch):
     """torch.cuda as a recent wheel sees Kaggle's P100."""
-    cuda = device_module.torch.cuda
-    monkeypatch.setattr(cuda, "is_available", lambda: True)
-    monkeypatch.setattr(cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(cuda, "get_device_capability", lambda device=None: (6, 0))
-    monkeypatch.setattr(cuda, "get_arch_list", lambda: RECENT_WHEEL)
-    monkeypatch.setattr(cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
+    fake_cuda(monkeypatch, 1, (6, 0), RECENT_WHEEL, "Tesla P100-PCIE-16GB")
 
 
 @pytest.mark.parametrize("name", ["auto", "cuda", "cuda:0"])

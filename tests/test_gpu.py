@@ -67,3 +67,16 @@ def _syncs(batches: int, amp: str, host_syncs) -> int:
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_no_host_sync_per_step(amp, host_syncs):
     assert _syncs(2, amp, host_syncs) == _syncs(6, amp, host_syncs)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="data-parallel over nccl needs 2 CUDA GPUs")
+def test_two_gpus_over_nccl_train_the_model_of_one(data_dir, tmp_path):
+    from test_distributed import SETTINGS, _launch_run
+
+    settings = {**SETTINGS, "device": "cuda", "amp": "off"}  # fp32: the two sides differ only in rounding
+    proc = _launch_run(data_dir, tmp_path / "two", **settings)
+    assert "data-parallel: 2 processes (nccl)" in proc.stdout
+    run(Config(**{**settings, "data_dir": str(data_dir), "out_dir": str(tmp_path / "one")}))
+    two, one = (torch.load(tmp_path / name / "last.pt", weights_only=True) for name in ("two", "one"))
+    for key, weight in one["model"].items():  # cuDNN picks its own algorithms: a looser bound than the CPU's
+        torch.testing.assert_close(two["model"][key], weight, rtol=0, atol=1e-3, msg=key)

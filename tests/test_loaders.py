@@ -111,6 +111,16 @@ def test_download_fetches_checks_and_unpacks(server, tmp_path, monkeypatch):
     assert sorted(p.name for p in root.iterdir()) == [FOLDER]  # no archive or temp folder left
 
 
+def test_a_download_that_another_process_finished_first_keeps_its_folder(server, tmp_path):
+    url, md5 = server
+    root = tmp_path / "shared"
+    theirs = loaders.download_cifar10(root, url=url, md5=md5)
+    (theirs / "theirs.txt").write_text("unpacked first")
+    assert loaders.download_cifar10(root, url=url, md5=md5) == theirs  # lost the race: no error
+    assert (theirs / "theirs.txt").read_text() == "unpacked first"
+    assert sorted(p.name for p in root.iterdir()) == [FOLDER]  # its own copy gone with its temporary folder
+
+
 def test_download_with_wrong_md5_leaves_nothing(server, tmp_path):
     url, _ = server
     root = tmp_path / "fresh"

@@ -257,9 +257,15 @@ def test_readme_commands_have_valid_parameters():
         assert all(a == "-p" for a in args[::3]), command
         Config.from_dict({name: _resolve_type(value) for name, value in zip(args[1::3], args[2::3])})
     (cli,) = [c for c in _readme_commands("python -m s11lib.run --") if "--help" not in c]
-    args, extra = _parser().parse_known_args(cli[3:])
-    assert not extra
-    Config(**vars(args))
+    launches = _readme_commands("torchrun --")
+    assert len(launches) >= 2, launches  # one machine, several machines
+    for options in [cli[3:], *(c[c.index("s11lib.run") + 1:] for c in launches)]:
+        args, extra = _parser().parse_known_args(options)
+        assert not extra, extra
+        Config(**vars(args))
+    from torch.distributed.run import get_args_parser  # torchrun's own parser takes the launcher's options
+    for launch in launches:
+        get_args_parser().parse_args(launch[1:])
 
 
 def test_readme_cpu_smoke_run_is_the_documented_one():

@@ -54,6 +54,7 @@ def train_epoch(
     progress: bool = True,
     after_step: Callable[[], None] | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> EpochResult:
     """Train one pass over `loader`.
 
@@ -61,18 +62,20 @@ def train_epoch(
         epoch: 1-based, for the progress bar and error messages.
         before_step: called with the batch number before each optimizer step (LR warm-up).
         after_step: called after each optimizer step (the weight average).
-        progress: show a tqdm bar with the running loss, accuracy and learning rate.
+        progress: show a tqdm bar with the running loss, accuracy and learning rate (of this
+            process's images, in a data-parallel run).
         scaler: fp16's loss scaling. A step it skips because the scaled gradients overflowed is
             no error: the scale shrinks and training goes on. The non-finite check looks at the
             loss itself, which is never scaled.
+        sum_over_ranks: in a data-parallel run, sums a tensor over the ranks in place
+            (s11lib/distributed.py); the result, each step's loss included, is then the whole
+            batch's, the same on every rank, and a non-finite loss on any rank stops them all.
     """
     model.train()
     num_batches = len(loader)
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
-    first_bad = torch.full((), -1, device=device, dtype=torch.int64)
     seen = 0
-    step_losses = []  # device tensors, read back once at the end
+    step_sums, step_counts = [], []  # each step's loss x images, on the device, read back once at the end
     refresh_every = max(1, num_batches // 10)  # ~10 host reads per epoch for the bar
     bar = tqdm(total=num_batches, desc=f"Epoch {epoch}", disable=not progress, leave=True)
     try:
@@ -94,27 +97,35 @@ def train_epoch(
                 after_step()
             n = len(y)
             seen += n
-            loss_det = loss.detach()
-            # Remember the first non-finite batch without a host sync.
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_det), batch, first_bad)
-            loss_sum += loss_det.double() * n
-            step_losses.append(loss_det)
+            step_sums.append(loss.detach().double() * n)
+            step_counts.append(n)
             correct += correct_count(logits.detach(), y)
             bar.update(1)
             if progress and (batch % refresh_every == refresh_every - 1 or batch == num_batches - 1):
-                _check_finite(first_bad, epoch)
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100.0 * correct.item() / seen:.2f}",
+                sums = torch.stack(step_sums)
+                _check_finite(sums.cpu(), epoch)
+                bar.set_postfix(loss=f"{sums.sum().item() / seen:.4f}", acc=f"{100.0 * correct.item() / seen:.2f}",
                                 lr=f"{optimizer.param_groups[0]['lr']:.3g}", refresh=False)
     finally:
         bar.close()
-    _check_finite(first_bad, epoch)
-    losses = torch.stack(step_losses).float().cpu() if step_losses else torch.zeros(0)
-    return EpochResult(loss_sum.item() / max(seen, 1), int(correct.item()), seen, losses)
+    steps = len(step_sums)
+    # One tensor, summed over the ranks at once and read back once: the steps' loss sums and image
+    # counts, and the hits. In float64, exact for counts and for a float32 loss times a count.
+    totals = torch.cat([torch.stack(step_sums) if steps else torch.zeros(0, device=device, dtype=torch.float64),
+                        torch.tensor(step_counts, device=device, dtype=torch.float64), correct.double()[None]])
+    if sum_over_ranks is not None:
+        sum_over_ranks(totals)
+    totals = totals.cpu()
+    sums, counts = totals[:steps], totals[steps : 2 * steps]
+    _check_finite(sums, epoch)
+    total = int(counts.sum())
+    return EpochResult(sums.sum().item() / max(total, 1), int(totals[-1]), total, (sums / counts).float())
 
 
-def _check_finite(first_bad: torch.Tensor, epoch: int) -> None:
-    bad = int(first_bad.item())
-    if bad >= 0:
+def _check_finite(step_sums: torch.Tensor, epoch: int) -> None:
+    finite = torch.isfinite(step_sums)
+    if not finite.all():
+        bad = int((~finite).nonzero()[0])
         raise NonFiniteLossError(f"non-finite loss at epoch {epoch}, batch {bad + 1}; lower lr or check the data")
 
 
@@ -126,8 +137,13 @@ def evaluate(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     keep_logits: bool = False,
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[EpochResult, torch.Tensor | None]:
-    """Mean loss and hits over `loader` in eval mode; optionally all logits (float32, on the CPU)."""
+    """Mean loss and hits over `loader` in eval mode; optionally all logits (float32, on the CPU).
+
+    `sum_over_ranks`: as in `train_epoch`; the result is then that of every rank's images together
+    (the logits kept are this rank's).
+    """
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -142,7 +158,11 @@ def evaluate(
         seen += len(y)
         if keep_logits:
             kept.append(logits)
-    result = EpochResult(loss_sum.item() / max(seen, 1), int(correct.item()), seen)
+    totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=device, dtype=torch.float64)])
+    if sum_over_ranks is not None:
+        sum_over_ranks(totals)
+    loss_total, hits, total = totals.tolist()
+    result = EpochResult(loss_total / max(total, 1), int(hits), int(total))
     return result, (torch.cat(kept).cpu() if keep_logits else None)
 
 
