@@ -47,19 +47,23 @@ def _options(settings: dict) -> list[str]:
     return [part for name, value in settings.items() for part in (f"--{name.replace('_', '-')}", str(value))]
 
 
-def _torchrun(*args: str, expect: int = 0, **popen) -> subprocess.CompletedProcess:
+def _env() -> dict:
     # One thread a process, as torchrun sets it for several local processes: the same arithmetic
     # in every launch, one machine or two.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300, **popen)
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(*args: str, expect: int = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", *args], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == expect, f"exit {proc.returncode}, expected {expect}\n{proc.stderr[-4000:]}"
     return proc
 
 
-def _launch_run(data_dir, out_dir, nproc: int = 2, **overrides) -> subprocess.CompletedProcess:
+def _launch_run(data_dir, out_dir, **overrides) -> subprocess.CompletedProcess:
+    """A 2-process run of SETTINGS (with `overrides`) on one machine."""
     settings = {**SETTINGS, "data_dir": data_dir, "out_dir": out_dir, **overrides}
-    return _torchrun("--standalone", f"--nproc-per-node={nproc}", "-m", "s11lib.run", *_options(settings))
+    return _torchrun("--standalone", "--nproc-per-node=2", "-m", "s11lib.run", *_options(settings))
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +127,7 @@ def test_two_machines_meet_at_a_rendezvous_and_train_the_same_run(two_ranks, dat
     node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
             "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--rdzv-id=s11-test",
             "-m", "s11lib.run", *_options(settings)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen(node, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    nodes = [subprocess.Popen(node, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     try:
         outputs = [p.communicate(timeout=300) for p in nodes]
