@@ -159,8 +159,7 @@ class ResumePoint:
     def load_into(self, model: nn.Module, optimizer, scheduler, scaler, average=None) -> None:
         """Load the states of last.pt into model, optimizer, scheduler, GradScaler and weight average
         (None: the run keeps none); one that does not fit is a CheckpointError."""
-        path = self.path
-        load_model_state(model, self.last, path)
+        load_model_state(model, self.last, self.path)
         try:
             load_optimizer_state(optimizer, self.last["optimizer"])
             scheduler.load_state_dict(self.last["scheduler"])
@@ -169,7 +168,7 @@ class ResumePoint:
             if average is not None:
                 average.load_state_dict(self.last["ema"])
         except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
-            raise CheckpointError(f"{path}: optimizer, scheduler, scaler or weight-average state does not fit "
+            raise CheckpointError(f"{self.path}: optimizer, scheduler, scaler or weight-average state does not fit "
                                   f"({_reason(e)})") from None
 
 

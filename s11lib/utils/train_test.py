@@ -102,8 +102,8 @@ def train_epoch(
             correct += correct_count(logits.detach(), y)
             bar.update(1)
             if progress and (batch % refresh_every == refresh_every - 1 or batch == num_batches - 1):
-                sums = torch.stack(step_sums)
-                _check_finite(sums.cpu(), epoch)
+                sums = torch.stack(step_sums).cpu()  # one read for the check and the running loss
+                _check_finite(sums, epoch)
                 bar.set_postfix(loss=f"{sums.sum().item() / seen:.4f}", acc=f"{100.0 * correct.item() / seen:.2f}",
                                 lr=f"{optimizer.param_groups[0]['lr']:.3g}", refresh=False)
     finally:
