@@ -11,6 +11,7 @@ import importlib.util
 import os
 import pickle
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,19 +41,22 @@ def pytest_configure(config):
     path = real_data_dir()
     if path:
         os.environ[ENV] = str(path)
-    os.environ["S11_NBVAL_RUN_DIR"] = str(Path(tempfile.mkdtemp(prefix="s11-nbval-")) / "s11-nbval-run")
+    nbval = Path(tempfile.mkdtemp(prefix="s11-nbval-"))
+    os.environ["S11_NBVAL_RUN_DIR"] = str(nbval / "s11-nbval-run")
+    # compare.ipynb's sweep: the one sweep_scenario leaves behind (made before its first cell runs).
+    os.environ["S11_NBVAL_SWEEP_DIR"] = str(nbval / "s11-nbval-sweep")
 
 
 def pytest_collection_modifyitems(config, items):
-    """nbval cells: train.ipynb's before explore.ipynb's (explore reads train's run); skipped, with
-    the reason, without the real data (their stored outputs come from it)."""
+    """nbval cells: train.ipynb's before explore.ipynb's (explore reads train's run), compare.ipynb's
+    last; skipped, with the reason, without the real data (their stored outputs come from it)."""
     def is_nbval(item):
         return type(item).__module__.startswith("nbval")
 
     cells = [item for item in items if is_nbval(item)]
     if not cells:
         return
-    order = {"train.ipynb": 0, "explore.ipynb": 1}
+    order = {"train.ipynb": 0, "explore.ipynb": 1, "compare.ipynb": 2}
     cells.sort(key=lambda item: order.get(Path(str(item.fspath)).name, 2))  # stable: cell order kept
     first = next(i for i, item in enumerate(items) if is_nbval(item))
     items[:] = [item for item in items if not is_nbval(item)]
@@ -61,6 +65,13 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason=f"nbval regression needs the real CIFAR-10: set {ENV}")
         for item in cells:
             item.add_marker(skip)
+
+
+def pytest_runtest_setup(item):
+    """compare.ipynb's cells read the sweep that sweep_scenario makes: make it before the first one."""
+    if type(item).__module__.startswith("nbval") and Path(str(item.fspath)).name == "compare.ipynb" \
+            and real_data_dir() is not None:
+        sweep_scenario(real_data_dir())
 
 
 def pytest_report_header(config):
@@ -184,3 +195,122 @@ class RunsCode:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
+
+
+# --- a sweep that is killed, fails and is resumed (tests/test_sweep.py, compare.ipynb's nbval) ---------
+@dataclass
+class SweepCall:
+    code: int  # the sweep's exit status
+    output: str  # what it printed
+    summary: list  # summary.csv's rows after the call
+
+    @property
+    def statuses(self) -> dict:
+        return {row["run"]: row["status"] for row in self.summary}
+
+
+@dataclass
+class SweepScenario:
+    folder: Path  # the sweep's out_dir: complete after `third`
+    spec: Path
+    blocked: str  # the run whose folder was a file in the first two calls
+    killed: str  # the run the first call was stopped in
+    first: SweepCall  # sequential; SIGTERM once `killed` had saved an epoch
+    lock_free_after_first: bool  # nothing (an orphaned kernel) holds `killed`'s folder any more
+    killed_files_after_first: set  # the names in `killed`'s folder then
+    notebook_time_after_first: int  # st_mtime_ns of the first run's executed notebook
+    second: SweepCall  # --gpus 0,1 on two faked GPUs: finished runs skipped, `killed` continued
+    third: SweepCall  # the blocking file removed: only `blocked` runs
+    notebook_time_after_third: int
+
+
+_scenario: dict = {}  # "sweep": the SweepScenario, or the error that making it raised
+
+
+def sweep_scenario(data_dir: Path) -> SweepScenario:
+    """tests/refresh_notebooks.py's regression sweep (2 learning rates x 2 seeds), made in
+    S11_NBVAL_SWEEP_DIR the hard way, once per session (about 45 s):
+
+    1. `python -m s11lib.sweep SPEC` with the second run's folder taken by a file (it fails, the
+       others go on), stopped with SIGTERM once the third run has saved its first epoch;
+    2. the same spec again, in this process, with `--gpus 0,1` on two faked GPUs: the first run is
+       skipped, the third continues from its last.pt beside the fourth, the second fails again;
+    3. the file removed, the same command once more: the second run alone runs.
+
+    Runs on the CPU are deterministic, so the sweep ends as an uninterrupted one: compare.ipynb's
+    stored outputs, made from one (refresh_notebooks.py), say so."""
+    if "sweep" not in _scenario:
+        try:
+            _scenario["sweep"] = _make_sweep_scenario(data_dir)
+        except Exception as e:  # noqa: BLE001 - reported to every test that asks, not made again
+            _scenario["sweep"] = e
+    if isinstance(_scenario["sweep"], BaseException):
+        raise _scenario["sweep"]
+    return _scenario["sweep"]
+
+
+def _make_sweep_scenario(data_dir: Path) -> SweepScenario:
+    import contextlib
+    import io
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import refresh_notebooks
+
+    from s11lib import sweep
+    from s11lib.utils import atomic
+
+    folder = Path(os.environ["S11_NBVAL_SWEEP_DIR"])
+    spec = refresh_notebooks.write_sweep_spec(folder.parent / "sweep.yaml", folder, str(data_dir))
+    names = [p.name for p in sweep.read_spec(spec).points]
+    blocked, killed = names[1], names[2]
+    folder.mkdir(parents=True)
+    (folder / blocked).write_text("in the way")
+
+    def summary() -> list:
+        return sweep.read_summary(folder / sweep.SUMMARY)
+
+    def call_outside() -> tuple[int, str]:
+        done = subprocess.run([sys.executable, "-m", "s11lib.sweep", str(spec)], capture_output=True, text=True,
+                              timeout=600)
+        return done.returncode, done.stdout + done.stderr
+
+    process = subprocess.Popen([sys.executable, "-m", "s11lib.sweep", str(spec)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    metrics = folder / killed / "metrics.csv"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"the sweep ended before its third run trained:\n{process.communicate()[0]}")
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    first = SweepCall(process.returncode, output, summary())
+    try:
+        with atomic.exclusive(folder / killed):
+            lock_free = True
+    except ValueError:
+        lock_free = False
+    killed_files = {p.name for p in (folder / killed).iterdir()}
+    notebook = folder / names[0] / "train.ipynb"
+    notebook_time = notebook.stat().st_mtime_ns
+
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed), \
+            contextlib.redirect_stderr(printed):
+        fake_cuda(patch, 2, (8, 0), ["sm_80"], "NVIDIA A100 (faked)")
+        code = sweep.main([str(spec), "--gpus", "0,1"])
+    second = SweepCall(code, printed.getvalue(), summary())
+
+    (folder / blocked).unlink()
+    third = SweepCall(*call_outside(), summary())
+    return SweepScenario(folder, spec, blocked, killed, first, lock_free, killed_files, notebook_time, second, third,
+                         notebook.stat().st_mtime_ns)
+
+
+@pytest.fixture(scope="session")
+def swept(data_dir) -> SweepScenario:
+    return sweep_scenario(data_dir)

@@ -9,7 +9,8 @@ Each reference is its notebook with one extra cell after `parameters` (tagged
 `injected-parameters`, as papermill tags its own) that sets REGRESSION's values. The data and
 run folders come from the environment, so the same files run on any machine: the suite's conftest
 sets S11_NBVAL_RUN_DIR to a fresh folder and makes S11_CIFAR10_DIR absolute. explore.ipynb reads
-the run that train.ipynb writes, so train runs first, here and in the suite.
+the run that train.ipynb writes, so train runs first, here and in the suite. compare.ipynb reads
+a sweep of tiny runs (SWEEP_GRID) in S11_NBVAL_SWEEP_DIR, made here first.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from pathlib import Path
 import nbformat
 import papermill as pm
 
+from s11lib import sweep
+
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCES = ROOT / "tests" / "notebooks"
 # Small enough for 2 CPU cores (the pair takes about a minute), real enough to show every output.
@@ -28,11 +31,28 @@ REGRESSION = {
     "train": dict(download=False, epochs=2, batch_size=32, train_subset=96, val_size=32, test_subset=100, width=8,
                   device="cpu", resume=False, num_misclassified=10),  # otherwise the shipped recipe
     "explore": dict(device="cpu", static_mistakes=3),
+    "compare": dict(),
 }
 FROM_ENVIRONMENT = {
     "train": {"data_dir": "S11_CIFAR10_DIR", "out_dir": "S11_NBVAL_RUN_DIR"},
     "explore": {"data_dir": "S11_CIFAR10_DIR", "run_dir": "S11_NBVAL_RUN_DIR"},
+    "compare": {"data_dir": "S11_CIFAR10_DIR", "sweep_dir": "S11_NBVAL_SWEEP_DIR"},
 }
+# The sweep compare.ipynb reads: 2 learning rates x 2 seeds of tiny runs (about 8 s each). The suite
+# makes it through a kill, a failure and a resume (tests/conftest.py, sweep_scenario); made here
+# without them, it must come out the same.
+SWEEP_PARAMETERS = dict(download=False, epochs=4, batch_size=32, train_subset=96, val_size=32, test_subset=100,
+                        width=8, device="cpu", num_misclassified=5, warmup_epochs=0)
+SWEEP_GRID = {"lr": [0.1, 0.8], "seed": [1, 2]}
+
+
+def write_sweep_spec(path: Path, sweep_dir: Path, data_dir: str) -> Path:
+    """The regression sweep's spec, as YAML at `path`."""
+    import yaml
+
+    spec = {"out_dir": str(sweep_dir), "parameters": {"data_dir": data_dir, **SWEEP_PARAMETERS}, "grid": SWEEP_GRID}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
 
 
 def parameters_cell(name: str) -> nbformat.NotebookNode:
@@ -68,7 +88,13 @@ def main() -> int:
     os.environ["S11_CIFAR10_DIR"] = str(Path(os.environ["S11_CIFAR10_DIR"]).resolve())
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["S11_NBVAL_RUN_DIR"] = str(Path(tmp) / "s11-nbval-run")
-        for name in ("train", "explore"):
+        os.environ["S11_NBVAL_SWEEP_DIR"] = str(Path(tmp) / "s11-nbval-sweep")
+        spec = write_sweep_spec(Path(tmp) / "sweep.yaml", Path(os.environ["S11_NBVAL_SWEEP_DIR"]),
+                                os.environ["S11_CIFAR10_DIR"])
+        if sweep.main([str(spec)]) != 0:
+            print("the regression sweep failed; its logs are above", file=sys.stderr)
+            return 1
+        for name in ("train", "explore", "compare"):
             source = Path(tmp) / f"{name}.ipynb"
             nbformat.write(with_parameters(name), source)
             target = REFERENCES / f"{name}.ipynb"

@@ -27,7 +27,7 @@ from s11lib.transforms import test_transforms
 
 ROOT = Path(__file__).parents[1]
 NOTEBOOK = ROOT / "notebooks" / "train.ipynb"
-NOTEBOOKS = ("train", "explore")
+NOTEBOOKS = ("train", "explore", "compare")
 REFRESH = "S11_CIFAR10_DIR=../shared/datasets/cifar10 .venv/bin/python tests/refresh_notebooks.py"
 
 
