@@ -224,6 +224,9 @@ def differences(swept: Sweep, metric: str = "best_test_acc", alpha: float = 0.05
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
     groups = {setting: [run.summary[metric] for run in runs] for setting, runs in swept.groups().items()}
+    if any(value is None for values in groups.values() for value in values):
+        raise ValueError(f"some runs have no {metric} (runs with val_size=0 have no validation accuracy); "
+                         "pass another metric")
     pairs = [(a, b) for a, b in itertools.combinations(groups, 2) if len(groups[a]) > 1 and len(groups[b]) > 1]
     tests = [welch(groups[a], groups[b]) for a, b in pairs]
     adjusted = holm([t.p for t in tests])

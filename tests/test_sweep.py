@@ -97,9 +97,13 @@ def test_a_second_sweep_into_the_same_folder_is_refused(tmp_path, capsys):
 def test_the_readme_spec_and_its_errors(tmp_path, capsys, monkeypatch):
     readme = (ROOT / "README.md").read_text()
     spec = tmp_path / "warmup.yaml"
-    spec.write_text(re.search(r"```yaml\n(# warmup.yaml.*?)```", readme, re.S)[1])
-    assert [p.name for p in sweep.read_spec(spec).points] == [
-        f"warmup_epochs={w},seed={s}" for w in (0, 2) for s in (1, 2, 3)]
+    blocks = re.findall(r"```yaml\n(.*?)```", readme, re.S)
+    assert len(blocks) == 2 and blocks[0].startswith("# warmup.yaml") and blocks[1].startswith("# cpu-warmup.yaml")
+    for block in blocks:
+        spec.write_text(block)
+        assert [p.name for p in sweep.read_spec(spec).points] == [
+            f"warmup_epochs={w},seed={s}" for w in (0, 2) for s in (1, 2, 3)]
+    spec.write_text(blocks[0])
     assert "bash scripts/sweep.sh warmup.yaml --gpus all" in readme and (ROOT / "scripts" / "sweep.sh").is_file()
     # The README's two examples of a refused spec are what the sweep prints (up to the "...").
     monkeypatch.chdir(tmp_path)
@@ -301,6 +305,8 @@ def test_differences_tell_a_real_gap_from_seed_noise():
     assert compare.differences_table(_swept({0.4: [90.0, 91.0], 0.8: [92.0]})).startswith("fewer than two settings")
     with pytest.raises(ValueError, match="metric must be one of"):
         compare.differences(swept, "test_acc")
+    with pytest.raises(ValueError, match="some runs have no best_val_acc"):
+        compare.differences(swept, "best_val_acc")
 
 
 def test_load_sweep_refuses_a_folder_that_is_no_sweep(tmp_path):
