@@ -303,8 +303,8 @@ def _last_error(log: Path, start: int) -> str:
     return re.sub(r"^error(?: \(rank \d+\))?: ", "", line)
 
 
-class Sweep:
-    """Runs a spec's points: `Sweep(spec, gpus).run()` returns the exit status."""
+class Runner:
+    """Runs a spec's points: `Runner(spec, gpus).run()` returns the exit status."""
 
     def __init__(self, spec: Spec, gpus: list[str] | None = None, say=print):
         self.spec = spec
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             (spec.out_dir / LOGS).mkdir(exist_ok=True)
             atomic.save_json({"spec": str(args.spec), "parameters": spec.parameters, "grid": spec.grid,
                               "runs": [p.name for p in spec.points]}, spec.out_dir / SPEC_COPY)
-            return Sweep(spec, gpus, say=lambda line: print(line, flush=True)).run()
+            return Runner(spec, gpus, say=lambda line: print(line, flush=True)).run()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -229,7 +229,7 @@ _scenario: dict = {}  # "sweep": the SweepScenario, or the error that making it 
 
 def sweep_scenario(data_dir: Path) -> SweepScenario:
     """tests/refresh_notebooks.py's regression sweep (2 learning rates x 2 seeds), made in
-    S11_NBVAL_SWEEP_DIR the hard way, once per session (about 45 s):
+    S11_NBVAL_SWEEP_DIR the hard way, once per session (50 to 65 s on 2 cores):
 
     1. `python -m s11lib.sweep SPEC` with the second run's folder taken by a file (it fails, the
        others go on), stopped with SIGTERM once the third run has saved its first epoch;
