@@ -15,7 +15,7 @@ SPEC.yaml names the sweep's folder, the parameters every run shares, and the gri
 
 Each run goes to OUT_DIR/NAME, NAME being its grid values (`warmup_epochs=0,seed=1`, as Hydra
 names the folders of its sweeps), with its executed notebook beside its files and its output in
-OUT_DIR/logs/NAME.log. OUT_DIR/summary.csv has one row per run (SUMMARY_COLUMNS), rewritten
+OUT_DIR/logs/NAME.log. OUT_DIR/summary.csv has one row per run (its status and METRIC_COLUMNS), rewritten
 atomically after each run, and OUT_DIR/sweep.json the spec; notebooks/compare.ipynb reads both.
 
 * **Checked first.** An unknown parameter, an empty grid or a value a run would refuse is a
@@ -61,10 +61,9 @@ FINISHED = "finished.json"  # in a run's folder once its notebook ran to the end
 SUMMARY = "summary.csv"
 SPEC_COPY = "sweep.json"
 LOGS = "logs"
-# done: finished (now or before); failed: its notebook failed in this call; interrupted: stopped by
-# Ctrl-C or SIGTERM in this call; pending: not run in this call (epochs_done says how far an
-# earlier call took it).
-STATUSES = ("done", "failed", "interrupted", "pending")
+# A run's status in summary.csv: done (finished, in this call or before); failed (its notebook
+# failed in this call); interrupted (stopped by Ctrl-C or SIGTERM in this call); pending (not run in
+# this call: epochs_done says how far an earlier call took it).
 # Accuracies in percent; with ema_decay > 0 they are the weight average's, which best.pt holds.
 # final_*: the last epoch's; best_*: best.pt's (its epoch, chosen on validation, and its test
 # accuracy as the run reports it at the end), for finished runs only; seconds: the epochs' wall

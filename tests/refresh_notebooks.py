@@ -26,7 +26,8 @@ from s11lib import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCES = ROOT / "tests" / "notebooks"
-# Small enough for 2 CPU cores (the pair takes about a minute), real enough to show every output.
+# Small enough for 2 CPU cores (the three, with the sweep, take under a minute), real enough to show
+# every output.
 REGRESSION = {
     "train": dict(download=False, epochs=2, batch_size=32, train_subset=96, val_size=32, test_subset=100, width=8,
                   device="cpu", resume=False, num_misclassified=10),  # otherwise the shipped recipe
@@ -92,7 +93,7 @@ def main() -> int:
         spec = write_sweep_spec(Path(tmp) / "sweep.yaml", Path(os.environ["S11_NBVAL_SWEEP_DIR"]),
                                 os.environ["S11_CIFAR10_DIR"])
         if sweep.main([str(spec)]) != 0:
-            print("the regression sweep failed; its logs are above", file=sys.stderr)
+            print("the regression sweep failed: see the lines above, and the logs they name", file=sys.stderr)
             return 1
         for name in ("train", "explore", "compare"):
             source = Path(tmp) / f"{name}.ipynb"
