@@ -79,7 +79,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds every CUDA device too
 
 
-def _check_writable(out_dir: Path) -> None:
+def check_writable(out_dir: Path) -> None:
+    """Make out_dir if needed and prove it writable: a file in its place, or no permission to write
+    there, is a one-line ValueError."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {out_dir} is a file, not a folder")
     try:
@@ -183,7 +185,7 @@ def _claim(out_dir: Path, config: Config, resumed: checkpoint.ResumePoint | None
            claimed: contextlib.ExitStack) -> None:
     """Make out_dir this run's (rank 0 only): lock it, clear what a crash or another run left, and
     write config.json."""
-    _check_writable(out_dir)
+    check_writable(out_dir)
     claimed.enter_context(atomic.exclusive(out_dir))
     atomic.remove_leftovers(out_dir)
     if resumed:
@@ -384,17 +386,20 @@ def _parse_value(text: str, annotation: str):
 _METAVARS = {"int": "N", "int | None": "N|none", "float": "X", "bool": "true|false"}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, like every other bad input; --help has the usage
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one `error:` line (exit 2), like every other bad input."""
+
+    def error(self, message: str):  # --help has the usage
         self.exit(2, f"error: {message}; `{self.prog} --help` lists the options\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m s11lib.run", description=__doc__.split("\n")[0],
-                     usage="%(prog)s [--NAME VALUE ...]", allow_abbrev=False,  # --epoch is not --epochs
-                     epilog="Each option is a parameter of s11lib/config.py; the notebook's papermill parameters "
-                            "have the same names with underscores. Launched by torchrun, the processes train "
-                            "data-parallel with batch_size as the global batch (README: Several GPUs).")
+    parser = OneLineParser(prog="python -m s11lib.run", description=__doc__.split("\n")[0],
+                           usage="%(prog)s [--NAME VALUE ...]", allow_abbrev=False,  # --epoch is not --epochs
+                           epilog="Each option is a parameter of s11lib/config.py; the notebook's papermill "
+                                  "parameters have the same names with underscores. Launched by torchrun, the "
+                                  "processes train data-parallel with batch_size as the global batch (README: "
+                                  "Several GPUs).")
     helps = field_help()
     for f in dataclasses.fields(Config):
         parse = functools.partial(_parse_value, annotation=str(f.type))

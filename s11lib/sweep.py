@@ -49,11 +49,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 from papermill.iorw import NoDatesSafeLoader
 
 from s11lib.config import Config, check_names
-from s11lib.run import OUTPUT_FILES, read_metrics
+from s11lib.run import OUTPUT_FILES, OneLineParser, check_writable, read_metrics
 from s11lib.utils import atomic
 
 SPEC_KEYS = ("out_dir", "parameters", "grid")
@@ -86,6 +87,7 @@ class Point:
     name: str  # its folder's name, from its grid values
     settings: dict  # its grid values
     parameters: dict  # what the notebook gets: the spec's parameters, the grid values and out_dir
+    config: Config  # the run's settings, as the parameters make them
 
     @property
     def out_dir(self) -> Path:
@@ -158,8 +160,7 @@ def read_spec(path: str | os.PathLike) -> Spec:
         settings = dict(zip(grid, values))
         name = point_name(settings)
         parameters_ = {**parameters, **settings, "out_dir": str(out_dir / name)}
-        _check_point(name, parameters_)
-        points.append(Point(index, name, settings, parameters_))
+        points.append(Point(index, name, settings, parameters_, _config_of(name, parameters_)))
     names = [p.name for p in points]
     if len(set(names)) != len(names):
         twice = next(n for n in names if names.count(n) > 1)
@@ -168,9 +169,9 @@ def read_spec(path: str | os.PathLike) -> Spec:
     return Spec(out_dir, parameters, grid, tuple(points))
 
 
-def _check_point(name: str, parameters: dict) -> None:
+def _config_of(name: str, parameters: dict) -> Config:
     try:
-        Config.from_dict(parameters)
+        return Config.from_dict(parameters)
     except ValueError as e:
         message = str(e)
         # YAML 1.1 (PyYAML) reads 1e-3 as text, not a number: say so instead of "got '1e-3' (str)".
@@ -189,8 +190,12 @@ def _is_number(text: str) -> bool:
 
 
 # --- a run's state, read from its folder -------------------------------------------------------
-def _comparable(parameters: dict) -> dict:
-    return {k: v for k, v in Config.from_dict(parameters).to_dict().items() if k not in _INCIDENTAL}
+def _comparable(config: Config) -> dict:
+    return {k: v for k, v in config.to_dict().items() if k not in _INCIDENTAL}
+
+
+def _has_every_file(point: Point) -> bool:
+    return all((point.out_dir / name).is_file() for name in OUTPUT_FILES)
 
 
 def is_finished(point: Point) -> bool:
@@ -198,12 +203,11 @@ def is_finished(point: Point) -> bool:
     parameters (up to _INCIDENTAL ones), and its files are all there."""
     try:
         record = json.loads((point.out_dir / FINISHED).read_text())
-        same = _comparable(record["parameters"]) == _comparable(point.parameters)
+        same = _comparable(Config.from_dict(record["parameters"])) == _comparable(point.config)
         rows = read_metrics(point.out_dir / "metrics.csv")
     except (OSError, ValueError, KeyError, TypeError):  # no record, a torn or foreign one
         return False
-    return same and len(rows) == Config.from_dict(point.parameters).epochs and \
-        all((point.out_dir / name).is_file() for name in OUTPUT_FILES)
+    return same and len(rows) == point.config.epochs and _has_every_file(point)
 
 
 def summary_row(point: Point, status: str, error: str = "") -> dict:
@@ -216,7 +220,7 @@ def summary_row(point: Point, status: str, error: str = "") -> dict:
     if not rows:
         row["epochs_done"] = 0
         return row
-    average = "ema_" if Config.from_dict(point.parameters).ema_decay else ""
+    average = "ema_" if point.config.ema_decay else ""
     row.update(epochs_done=len(rows), final_val_acc=rows[-1][f"{average}val_acc"],
                final_test_acc=rows[-1][f"{average}test_acc"], seconds=round(sum(r["seconds"] for r in rows), 1))
     if status == "done":
@@ -263,14 +267,11 @@ class _Running:
     log: Path
     log_start: int  # where this call's output begins in the log
     started: float
-    gpu: str | None
 
 
 def parse_gpus(text: str) -> list[str]:
     """--gpus: `all`, or indices as torch numbers the GPUs (`0,1`); the CUDA_VISIBLE_DEVICES value of
     each (the entries of this process's own CUDA_VISIBLE_DEVICES, when it has one)."""
-    import torch
-
     count = torch.cuda.device_count()
     if count == 0:
         raise ValueError("--gpus: this machine has no CUDA GPU; without --gpus the runs go one after another")
@@ -290,16 +291,15 @@ def parse_gpus(text: str) -> list[str]:
 
 
 def _last_error(log: Path, start: int) -> str:
-    """The run's one-line error from its log: the last `error...:` line of this call's output."""
+    """The run's one-line error from its log: the last `error: ` line of this call's output."""
     try:
         with open(log, "rb") as f:
             f.seek(start)
             lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
     except OSError:
         return ""
-    errors = [line for line in lines if line.startswith("error")]
-    line = errors[-1] if errors else (lines[-1] if lines else "")
-    return re.sub(r"^error(?: \(rank \d+\))?: ", "", line)
+    errors = [line for line in lines if line.startswith("error: ")]
+    return errors[-1].removeprefix("error: ") if errors else (lines[-1] if lines else "")
 
 
 class Runner:
@@ -315,9 +315,11 @@ class Runner:
     def _line(self, point: Point, text: str) -> None:
         self.say(f"[{point.index}/{len(self.spec.points)}] {point.name}: {text}")
 
-    def _summary(self) -> Path:
-        return write_summary(self.spec, [summary_row(p, self.status[p.name], self.errors.get(p.name, ""))
-                                         for p in self.spec.points])
+    def _summary(self) -> dict[str, dict]:
+        """Write summary.csv from each run's folder; its rows, by run."""
+        rows = {p.name: summary_row(p, self.status[p.name], self.errors.get(p.name, "")) for p in self.spec.points}
+        write_summary(self.spec, list(rows.values()))
+        return rows
 
     def _start(self, point: Point, gpu: str | None) -> _Running:
         if point.out_dir.is_dir():  # a record of other settings: this run replaces it
@@ -338,39 +340,36 @@ class Runner:
                                        env=env, start_new_session=True)
         where = f" on GPU {gpu}" if gpu is not None else ""
         self._line(point, f"started{where}; log: {log}")
-        return _Running(point, process, log, start, time.monotonic(), gpu)
+        return _Running(point, process, log, start, time.monotonic())
 
     def _finish(self, running: _Running, code: int) -> None:
         point, seconds = running.point, time.monotonic() - running.started
-        if code == 0 and self._ended_well(point):
+        if code == 0 and _has_every_file(point):
             atomic.save_json({"parameters": point.parameters, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                               "seconds": round(seconds, 1)}, point.out_dir / FINISHED)
             self.status[point.name] = "done"
-            row = summary_row(point, "done")
+        else:
+            self.status[point.name] = "failed"
+            self.errors[point.name] = ("its notebook ended, but the run's files are not all there" if code == 0 else
+                                       _last_error(running.log, running.log_start) or f"exit status {code}")
+        with open(running.log, "ab") as f:
+            f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} exit status {code}\n".encode())
+        row = self._summary()[point.name]
+        if row["status"] == "done":
             self._line(point, f"done in {seconds:.1f} s; best.pt (epoch {row['best_epoch']}): "
                               f"test {row['best_test_acc']:.2f}%")
         else:
-            error = ("its notebook ended, but the run's files are not all there" if code == 0 else
-                     _last_error(running.log, running.log_start) or f"exit status {code}")
-            self.status[point.name], self.errors[point.name] = "failed", error
-            self._line(point, f"FAILED (exit {code}) after {seconds:.1f} s: {error}; log: {running.log}")
-        with open(running.log, "ab") as f:
-            f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} exit status {code}\n".encode())
-        self._summary()
-
-    @staticmethod
-    def _ended_well(point: Point) -> bool:
-        return all((point.out_dir / name).is_file() for name in OUTPUT_FILES)
+            self._line(point, f"FAILED (exit {code}) after {seconds:.1f} s: {row['error']}; log: {running.log}")
 
     def run(self) -> int:
         spec = self.spec
         for point in spec.points:
             self.status[point.name] = "done" if is_finished(point) else "pending"
-        todo = [p for p in spec.points if self.status[p.name] == "pending"]
-        for point in spec.points:
             if self.status[point.name] == "done":
                 self._line(point, "finished before; skipped")
-        summary = self._summary()
+        todo = [p for p in spec.points if self.status[p.name] == "pending"]
+        self._summary()
+        summary = spec.out_dir / SUMMARY
         running: dict[int, _Running] = {}  # slot -> its run
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
@@ -426,15 +425,12 @@ def _raise_interrupt(signum, frame):  # `kill`, `timeout`, a job scheduler: stop
     raise KeyboardInterrupt
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, like every other bad input
-        self.exit(2, f"error: {message}; `{self.prog} --help` shows the usage\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m s11lib.sweep", allow_abbrev=False, description=__doc__.split("\n\n")[0].replace("\n", " "),
-                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                     epilog="SPEC.yaml, for example:\n\n" + re.search(r"\n\n( +out_dir:.*?)\n\n", __doc__, re.S)[1])
+    parser = OneLineParser(prog="python -m s11lib.sweep", allow_abbrev=False,
+                           description=__doc__.split("\n\n")[0].replace("\n", " "),
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="SPEC.yaml, for example:\n\n"
+                                  + re.search(r"\n\n( +out_dir:.*?)\n\n", __doc__, re.S)[1])
     parser.add_argument("spec", metavar="SPEC.yaml", help="the sweep: out_dir, parameters and grid")
     parser.add_argument("--gpus", metavar="all|0,1,...",
                         help="run one run per GPU at a time, on these GPUs (default: one run at a time, "
@@ -443,9 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = read_spec(args.spec)
         gpus = parse_gpus(args.gpus) if args.gpus else None
-        if spec.out_dir.exists() and not spec.out_dir.is_dir():
-            raise ValueError(f"out_dir {spec.out_dir} is a file, not a folder")
-        spec.out_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(spec.out_dir)
         with contextlib.ExitStack() as held:
             try:
                 held.enter_context(atomic.exclusive(spec.out_dir))

@@ -21,6 +21,7 @@ import torch
 from conftest import fake_cuda
 from s11lib import compare, sweep
 from s11lib.compare import Sweep, SweptRun
+from s11lib.config import Config
 from s11lib.run import read_metrics
 from s11lib.utils import atomic
 
@@ -76,7 +77,7 @@ def test_other_refusals_are_one_line_too(tmp_path, capsys, monkeypatch):
         sweep.main([str(spec), "--gpu", "0"])
     assert stopped.value.code == 2
     assert capsys.readouterr().err == ("error: unrecognized arguments: --gpu 0; `python -m s11lib.sweep --help` "
-                                       "shows the usage\n")
+                                       "lists the options\n")
     assert not (tmp_path / "sweep").exists()
     (tmp_path / "sweep").write_text("a file")
     assert sweep.main([str(spec)]) == 2
@@ -224,11 +225,15 @@ def test_summary_has_a_row_per_run_from_its_files(swept):
 
 def test_a_finished_run_is_finished_for_its_own_settings_only(swept):
     point = sweep.read_spec(swept.spec).points[0]
+
+    def changed(**values) -> sweep.Point:
+        parameters = {**point.parameters, **values}
+        return dataclasses.replace(point, parameters=parameters, config=Config.from_dict(parameters))
+
     assert sweep.is_finished(point)
-    moved = {**point.parameters, "device": "auto", "progress": False, "data_dir": "elsewhere"}
-    assert sweep.is_finished(dataclasses.replace(point, parameters=moved))  # where and how, not what
-    for changed in ({"epochs": 5}, {"weight_decay": 0.0}, {"gradcam_layer": "layer4"}):
-        assert not sweep.is_finished(dataclasses.replace(point, parameters={**point.parameters, **changed}))
+    assert sweep.is_finished(changed(device="auto", progress=False, data_dir="elsewhere"))  # where and how, not what
+    for values in ({"epochs": 5}, {"weight_decay": 0.0}, {"gradcam_layer": "layer4"}):
+        assert not sweep.is_finished(changed(**values))
 
 
 # --- compare -----------------------------------------------------------------------------------------
