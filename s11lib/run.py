@@ -239,7 +239,7 @@ def _train(model, data: Loaders, optimizer, scheduler, scaler, warmup: Warmup, a
                                     sum_over_ranks=reduce)
     steps_per_epoch = len(data.train)
     watched = _watched(config, data)
-    select_on = ("ema_" if average else "") + ("val_acc" if data.val else "test_acc")
+    select_on = kept_model_prefix(config) + ("val_acc" if data.val else "test_acc")
 
     rows: list[dict] = []
     step_losses = []
@@ -299,6 +299,12 @@ def _train(model, data: Loaders, optimizer, scheduler, scaler, warmup: Warmup, a
             write_metrics(rows, out_dir / "metrics.csv")
     print(f"best checkpoint: epoch {best_epoch} ({select_on} {best_acc:.2f}%)")
     return rows, best_epoch, torch.cat(step_losses) if step_losses else torch.zeros(0)
+
+
+def kept_model_prefix(config: Config) -> str:
+    """The prefix of the metrics.csv columns of the model a run keeps: "ema_" when it keeps a weight
+    average (best.pt is then chosen on, and holds, the average), else ""."""
+    return "ema_" if config.ema_decay else ""
 
 
 def _with_written_seconds(rows: list[dict], path: Path) -> list[dict]:

@@ -54,7 +54,7 @@ import yaml
 from papermill.iorw import NoDatesSafeLoader
 
 from s11lib.config import Config, check_names
-from s11lib.run import OUTPUT_FILES, OneLineParser, check_writable, read_metrics
+from s11lib.run import OUTPUT_FILES, OneLineParser, check_writable, kept_model_prefix, read_metrics
 from s11lib.utils import atomic
 
 SPEC_KEYS = ("out_dir", "parameters", "grid")
@@ -220,7 +220,7 @@ def summary_row(point: Point, status: str, error: str = "") -> dict:
     if not rows:
         row["epochs_done"] = 0
         return row
-    average = "ema_" if point.config.ema_decay else ""
+    average = kept_model_prefix(point.config)
     row.update(epochs_done=len(rows), final_val_acc=rows[-1][f"{average}val_acc"],
                final_test_acc=rows[-1][f"{average}test_acc"], seconds=round(sum(r["seconds"] for r in rows), 1))
     if status == "done":
