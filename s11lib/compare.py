@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from s11lib.config import Config
 from s11lib.constants import CLASSES, NUM_CLASSES
@@ -31,6 +30,7 @@ from s11lib.loaders import load_cifar10
 from s11lib.run import read_metrics
 from s11lib.sweep import SPEC_COPY, SUMMARY, point_name, read_summary
 from s11lib.utils.accuracy import confusion_matrix, per_class_accuracy
+from s11lib.utils.plot_metrics import plot_class_accuracy, plot_runs_overlaid
 
 SEED = "seed"
 # summary.csv's columns that the tables show, with their headings.
@@ -294,51 +294,20 @@ def per_class_table(swept: Sweep) -> str:
     return "\n".join(lines)
 
 
-def _colours(n: int) -> list:
-    return [f"C{i % 10}" for i in range(n)]
+def _legend(setting: str, runs: list[SweptRun]) -> str:
+    return f"{setting} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
 
 
 def plot_runs(swept: Sweep) -> Figure:
     """Every run's curves overlaid: a colour per setting, a line per seed."""
-    panels = (("train_loss", "Training loss", None), ("val_acc", "Validation accuracy", "%"),
-              ("test_acc", "Test accuracy", "%"), ("lr", "Learning rate the epoch trained with", None))
-    fig = Figure(figsize=(13, 8), layout="constrained")
-    axes = fig.subplots(2, 2).ravel()
-    groups = swept.groups()
-    for (setting, runs), colour in zip(groups.items(), _colours(len(groups))):
-        for i, run in enumerate(runs):
-            epochs = [row["epoch"] for row in run.rows]
-            for ax, (column, _, _) in zip(axes, panels):
-                values = [math.nan if row[column] is None else row[column] for row in run.rows]
-                ax.plot(epochs, values, "-", color=colour, alpha=0.75, lw=1.3,
-                        label=f"{setting} ({len(runs)} seed{'s' if len(runs) > 1 else ''})" if i == 0 else None)
-    for ax, (column, title, unit) in zip(axes, panels):
-        ax.set(title=title, xlabel="epoch", ylabel=unit or "")
-        if column == "lr":
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{len(swept.runs)} runs of {swept.folder}: a colour per setting, a line per seed")
-    return fig
+    return plot_runs_overlaid({_legend(setting, runs): [run.rows for run in runs]
+                               for setting, runs in swept.groups().items()},
+                              f"{len(swept.runs)} runs of {swept.folder}: a colour per setting, a line per seed")
 
 
 def plot_per_class(swept: Sweep) -> Figure:
     """Best.pt's test accuracy per class, the settings side by side: mean over seeds, with their
     standard deviation as an error bar."""
-    groups = swept.groups()
-    fig = Figure(figsize=(13, 4.5), layout="constrained")
-    ax = fig.subplots()
-    width = 0.8 / len(groups)
-    x = np.arange(NUM_CLASSES)
-    for k, ((setting, runs), colour) in enumerate(zip(groups.items(), _colours(len(groups)))):
-        values = np.stack([run.per_class for run in runs])
-        errors = values.std(0, ddof=1) if len(runs) > 1 else None
-        ax.bar(x + (k - (len(groups) - 1) / 2) * width, values.mean(0), width, yerr=errors, capsize=2,
-               color=colour, label=f"{setting} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
-    ax.set_xticks(x, CLASSES)
-    ax.set(ylabel="% of the class right", ylim=(0, 100), title="Test accuracy per class (best.pt), mean over seeds "
-           "± standard deviation")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    return fig
+    return plot_class_accuracy({_legend(setting, runs): np.stack([run.per_class for run in runs])
+                                for setting, runs in swept.groups().items()},
+                               "Test accuracy per class (best.pt), mean over seeds ± standard deviation")

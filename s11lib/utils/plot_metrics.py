@@ -1,4 +1,5 @@
-"""Figures of a run's history: loss and accuracy per epoch, the learning rate, the confusion matrix."""
+"""Figures of a run's history: loss and accuracy per epoch, the learning rate, the confusion matrix;
+and of several runs side by side (a sweep's: s11lib/compare.py)."""
 from __future__ import annotations
 
 import math
@@ -37,8 +38,7 @@ def plot_curves(rows: list[dict]) -> Figure:
     ax_lr.plot(epochs, _series(rows, "lr"), "-o", ms=3, color="tab:purple")
     ax_lr.set(title="Learning rate the epoch trained with", xlabel="epoch", yscale="log")
     for ax in (ax_loss, ax_acc, ax_lr):
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _epoch_axis(ax)
     ax_loss.legend()
     ax_acc.legend()
     return fig
@@ -60,4 +60,56 @@ def plot_confusion(confusion, classes=CLASSES, title: str = "Confusion matrix") 
         for j in ticks:
             ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
                     color="white" if rates[i, j] > 0.5 else "black")
+    return fig
+
+
+def _epoch_axis(ax) -> None:
+    ax.grid(alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _colours(n: int) -> list[str]:
+    return [f"C{i % 10}" for i in range(n)]
+
+
+def plot_runs_overlaid(groups: dict[str, list[list[dict]]], title: str) -> Figure:
+    """Several runs' curves on four panels (training loss, validation and test accuracy, learning
+    rate): a colour per group, a line per run. `groups` maps each group's legend to the metrics
+    rows (as in metrics.csv) of each of its runs."""
+    panels = (("train_loss", "Training loss", None), ("val_acc", "Validation accuracy", "%"),
+              ("test_acc", "Test accuracy", "%"), ("lr", "Learning rate the epoch trained with", None))
+    fig = Figure(figsize=(13, 8), layout="constrained")
+    axes = fig.subplots(2, 2).ravel()
+    for (legend, runs), colour in zip(groups.items(), _colours(len(groups))):
+        for i, rows in enumerate(runs):
+            epochs = [row["epoch"] for row in rows]
+            for ax, (column, _, _) in zip(axes, panels):
+                ax.plot(epochs, _series(rows, column), "-", color=colour, alpha=0.75, lw=1.3,
+                        label=legend if i == 0 else None)
+    for ax, (column, heading, unit) in zip(axes, panels):
+        ax.set(title=heading, xlabel="epoch", ylabel=unit or "")
+        if column == "lr":
+            ax.set_yscale("log")
+        _epoch_axis(ax)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_class_accuracy(groups: dict[str, np.ndarray], title: str) -> Figure:
+    """Accuracy per class, groups side by side: each group's mean over its runs as a bar, their
+    standard deviation as an error bar. `groups` maps each group's legend to a (runs, classes)
+    array of percentages."""
+    fig = Figure(figsize=(13, 4.5), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(groups)
+    x = np.arange(len(CLASSES))
+    for k, ((legend, values), colour) in enumerate(zip(groups.items(), _colours(len(groups)))):
+        errors = values.std(0, ddof=1) if len(values) > 1 else None
+        ax.bar(x + (k - (len(groups) - 1) / 2) * width, values.mean(0), width, yerr=errors, capsize=2,
+               color=colour, label=legend)
+    ax.set_xticks(x, CLASSES)
+    ax.set(ylabel="% of the class right", ylim=(0, 100), title=title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
     return fig
