@@ -33,6 +33,7 @@ from s11lib.models import resnet18
 from s11lib.device import resolve_device
 from s11lib.run import read_metrics
 from s11lib.transforms import test_transforms, to_float
+from s11lib.utils import atomic, cam_checks
 from s11lib.utils.accuracy import confusion_matrix, per_class_accuracy
 from s11lib.utils.gradcam import GradCAM, overlay
 from s11lib.utils.misclassified import Mistakes, find_misclassified
@@ -73,6 +74,10 @@ class FinishedRun:
     @cached_property
     def _all_mistakes(self) -> Mistakes:
         return find_misclassified(self.logits, self.labels, len(self.labels))
+
+    def inputs(self, positions: torch.Tensor) -> torch.Tensor:
+        """The test images at `positions` as the model takes them: normalised, on its device."""
+        return test_transforms()(self.images[positions].to(self.device))
 
     def mistakes(self, true_class: int | None = None, pred_class: int | None = None) -> Mistakes:
         """Every misclassified test image, most confident first, optionally of one true/predicted class."""
@@ -153,6 +158,38 @@ def summary(finished: FinishedRun) -> str:
         f"best.pt on the {len(finished.labels)} test images: {100.0 * right:.2f}%, "
         f"{int((finished.preds != finished.labels).sum())} misclassified",
     ])
+
+
+def check_layers(finished: FinishedRun) -> tuple[str, ...]:
+    """The layers the heatmap checks explain: layer2 to layer4, and the run's gradcam_layer if it is another."""
+    layer = finished.config.gradcam_layer
+    return cam_checks.CHECKED_LAYERS + (() if layer in cam_checks.CHECKED_LAYERS else (layer,))
+
+
+def check_samples(finished: FinishedRun, correct_sample: int = 100, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The images the heatmap checks use, as positions in the test images: "mistakes", the run's
+    own num_misclassified (those of misclassified.json and gradcam.png), and "correct", a fixed
+    random sample of the correctly classified ones (the same for the same predictions and seed)."""
+    if correct_sample < 0:
+        raise ValueError(f"correct_sample must be >= 0, got {correct_sample}")
+    right = (finished.preds == finished.labels).nonzero().flatten()
+    picked = torch.randperm(len(right), generator=torch.Generator().manual_seed(seed))[:correct_sample]
+    return {"mistakes": finished.mistakes().positions[: finished.config.num_misclassified],
+            "correct": right[picked].sort().values}
+
+
+def save_cam_checks(finished: FinishedRun, samples: dict[str, torch.Tensor], sanity: cam_checks.Randomization,
+                    curves: dict[str, dict[str, cam_checks.Curves]], seed: int) -> Path:
+    """Write the heatmap checks' numbers to the run folder's cam_checks.json; returns its path."""
+    path = finished.run_dir / "cam_checks.json"
+    atomic.save_json({
+        "checkpoint": checkpoint.BEST, "epoch": finished.best_epoch, "gradcam_layer": finished.config.gradcam_layer,
+        "seed": seed,
+        "images": {group: positions.tolist() for group, positions in samples.items()},  # indices into the test set
+        "sanity": sanity.to_dict(),
+        "faithfulness": cam_checks.faithfulness_dict(curves),
+    }, path)
+    return path
 
 
 def show_figure(fig) -> None:
@@ -238,8 +275,7 @@ class MistakeBrowser:
         key = (position, layer)
         if key not in self._cams:
             finished = self.finished
-            image = finished.images[position : position + 1].to(finished.device)
-            x = test_transforms()(image).expand(2, -1, -1, -1)
+            x = finished.inputs(torch.tensor([position])).expand(2, -1, -1, -1)
             targets = torch.stack([finished.preds[position], finished.labels[position]]).to(finished.device)
             with GradCAM(finished.model, layer) as cam:
                 self._cams[key] = cam(x, targets).cpu()
