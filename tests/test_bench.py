@@ -107,3 +107,12 @@ def test_the_gpu_report_runs_in_its_tiny_mode(data_dir, tmp_path, capsys):
     markdown = (tmp_path / "gpu_report.md").read_text()
     assert "| fp16 | channels_last | compiled |" in markdown and "GroupNorm (forward and backward): " in markdown
     assert "last.pt: " in markdown and "standard pipeline" in markdown
+
+
+def test_the_heatmap_checks_benchmark_runs_and_prints_its_table(data_dir, capsys):
+    bench = _load("cam_checks")
+    assert bench.main(["--data-dir", str(data_dir), "--widths", "4", "--mistakes", "2", "--correct", "3",
+                       "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 + 3 images, 2 steps" in out and out.splitlines()[-1].startswith("| 4 |")
+    assert len(out.splitlines()[-1].split("|")) == 9  # width and six figures
