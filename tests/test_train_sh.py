@@ -256,10 +256,11 @@ def test_readme_commands_have_valid_parameters():
         args = command[2:]
         assert all(a == "-p" for a in args[::3]), command
         Config.from_dict({name: _resolve_type(value) for name, value in zip(args[1::3], args[2::3])})
-    (cli,) = [c for c in _readme_commands("python -m s11lib.run --") if "--help" not in c]
+    clis = [c for c in _readme_commands("python -m s11lib.run --") if "--help" not in c]
+    assert len(clis) >= 2, clis  # the quick one, the CPU run of the heatmap checks
     launches = _readme_commands("torchrun --")
     assert len(launches) >= 2, launches  # one machine, several machines
-    for options in [cli[3:], *(c[c.index("s11lib.run") + 1:] for c in launches)]:
+    for options in [*(c[3:] for c in clis), *(c[c.index("s11lib.run") + 1:] for c in launches)]:
         args, extra = _parser().parse_known_args(options)
         assert not extra, extra
         Config(**vars(args))
