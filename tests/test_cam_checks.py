@@ -309,5 +309,24 @@ def test_constant_maps_are_left_out_and_counted(finished, mistakes):
     torch.testing.assert_close(check.mean()[0], check.correlations[0, :, 1:].mean(1))
     assert "constant maps (left out of the means): [[1, 1, 1, 1, 1, 1]]" in check.table()
     nothing = randomization_check(finished.model, inputs[:1], targets[:1], layers=("layer3",), explainer=blank_first)
-    assert not nothing.passed("layer3") and "undecided: every map constant" in nothing.table()
+    assert not nothing.passed("layer3") and "undecided: no map that is not constant" in nothing.table()
     assert json.loads(json.dumps(nothing.to_dict()))["layers"]["layer3"]["mean_rank_correlation"] == [None] * 6
+
+
+def test_a_group_without_images_is_said_so_not_an_error(finished, mistakes):
+    """A run can make no mistakes (a small test subset) or get nothing right (a failed one)."""
+    inputs, targets, images = mistakes
+    none = slice(0, 0)
+    curves = {"mistakes": deletion_insertion(finished.model, inputs[none], targets[none],
+                                             candidate_maps(finished.model, inputs[none], targets[none])),
+              "correct": deletion_insertion(finished.model, inputs[:2], targets[:2],
+                                            candidate_maps(finished.model, inputs[:2], targets[:2]), steps=1)}
+    assert curves["correct"]["random map"].deletion.shape == (2, 2)  # steps=1: the two ends only
+    table = cam_checks.faithfulness_table(curves)
+    assert "mistakes: no images to score" in table and "correct (2 images)" in table
+    assert len(cam_checks.plot_deletion_insertion(curves).axes) == 2 * 1  # the group with images
+    assert json.loads(json.dumps(cam_checks.faithfulness_dict(curves)))["groups"]["mistakes"]["random map"][
+        "images"] == 0
+    check = randomization_check(finished.model, inputs[none], targets[none])
+    assert "undecided" in check.table() and cam_checks.plot_randomization(check).axes
+    assert cam_checks.plot_randomization_maps(check, images[none], "layer3").texts

@@ -145,7 +145,7 @@ class Randomization:
         for i, layer in enumerate(self.layers):
             values = "".join(f"{v:>9.3f}" for v in self.mean()[i].tolist())
             decisive = float(self.mean()[i, self.decisive_stage(layer)])
-            verdict = ("undecided: every map constant" if math.isnan(decisive) else
+            verdict = ("undecided: no map that is not constant" if math.isnan(decisive) else
                        f"{'passes' if self.passed(layer) else 'FAILS'} (< {self.threshold} once {layer} is random)")
             lines.append(f"{layer:<8}{values}  {verdict}")
         blank = torch.isnan(self.correlations).sum(2)
@@ -272,7 +272,7 @@ def deletion_insertion(model: nn.Module, images: torch.Tensor, targets: torch.Te
     was_training = model.training
     model.eval()
     try:
-        canvas = torch.full_like(images[:1], fill)
+        canvas = torch.full((1, channels, height, width), fill, dtype=images.dtype, device=images.device)
         targets = targets.to(images.device)
         # The two ends are the same for every map: the image itself and the bare canvas.
         whole = _target_probability(model, images, targets, batch_size)
@@ -289,8 +289,8 @@ def deletion_insertion(model: nn.Module, images: torch.Tensor, targets: torch.Te
             repeated = targets.repeat_interleave(len(interior))
             removed = torch.where(first, canvas, x).flatten(0, 1)
             revealed = torch.where(first, x, canvas).flatten(0, 1)
-            deletion = _target_probability(model, removed, repeated, batch_size).reshape(n, -1)
-            insertion = _target_probability(model, revealed, repeated, batch_size).reshape(n, -1)
+            deletion = _target_probability(model, removed, repeated, batch_size).reshape(n, len(interior))
+            insertion = _target_probability(model, revealed, repeated, batch_size).reshape(n, len(interior))
             curves[name] = Curves(fractions, torch.cat([whole[:, None], deletion, bare[:, None]], 1),
                                   torch.cat([bare[:, None], insertion, whole[:, None]], 1))
     finally:
@@ -314,7 +314,10 @@ def faithfulness_table(groups: Mapping[str, Mapping[str, Curves]],
     better than each reference map's (image by image: the same image, model and fill)."""
     lines = []
     for group, curves in groups.items():
-        count = len(next(iter(curves.values())).deletion)
+        count = len(next(iter(curves.values())).deletion) if curves else 0
+        if not count:
+            lines += [f"{group}: no images to score", ""]
+            continue
         lines += [f"{group} ({count} images): area under the curve, mean ± sd; beats: on how many images the "
                   "area is better (deletion / insertion)",
                   f"{'map':<18}{'deletion (lower better)':>25}{'insertion (higher better)':>27}"
@@ -343,8 +346,8 @@ def faithfulness_dict(groups: Mapping[str, Mapping[str, Curves]], fill: str = FI
         out["fractions"] = [round(v, 6) for v in some.fractions.tolist()]
         out["groups"][group] = {name: {
             "images": len(c.deletion),
-            "deletion_auc_mean": _number(c.deletion_auc.mean()), "deletion_auc_sd": _number(c.deletion_auc.std()),
-            "insertion_auc_mean": _number(c.insertion_auc.mean()), "insertion_auc_sd": _number(c.insertion_auc.std()),
+            "deletion_auc_mean": _number(c.deletion_auc.mean()), "deletion_auc_sd": _number(_sd(c.deletion_auc)),
+            "insertion_auc_mean": _number(c.insertion_auc.mean()), "insertion_auc_sd": _number(_sd(c.insertion_auc)),
             "deletion_curve_mean": [_number(v) for v in c.deletion.mean(0).tolist()],
             "insertion_curve_mean": [_number(v) for v in c.insertion.mean(0).tolist()],
         } for name, c in curves.items()}
@@ -361,7 +364,7 @@ def plot_randomization(result: Randomization) -> Figure:
     for i, layer in enumerate(result.layers):
         per_image = result.correlations[i].numpy()
         mean = np.concatenate([[1.0], result.mean()[i].numpy()])
-        spread = np.concatenate([[0.0], np.nanstd(per_image, axis=1)])
+        spread = np.array([0.0] + [_sd(torch.from_numpy(row[~np.isnan(row)])) for row in per_image])
         (line,) = ax.plot(xs, mean, "-o", ms=4, label=f"Grad-CAM {layer}")
         ax.fill_between(xs, mean - spread, mean + spread, color=line.get_color(), alpha=0.15, lw=0)
         decisive = result.decisive_stage(layer) + 1
@@ -382,6 +385,8 @@ def plot_randomization_maps(result: Randomization, images: torch.Tensor, layer: 
     """The first `count` images' maps at `layer`: trained, then after each stage is re-initialised."""
     i = result.layers.index(layer)
     count = min(count, result.maps.shape[2])
+    if not count:
+        return _message_figure("No images to show: the sanity check had none.")
     columns = 1 + result.maps.shape[1]
     fig = Figure(figsize=(1.45 * columns, 1.6 * count + 0.5), layout="constrained")
     axes = fig.subplots(count, columns, squeeze=False)
@@ -403,7 +408,10 @@ def plot_randomization_maps(result: Randomization, images: torch.Tensor, layer: 
 
 
 def plot_deletion_insertion(groups: Mapping[str, Mapping[str, Curves]]) -> Figure:
-    """Mean deletion and insertion curves per kind of map: a column per group of images."""
+    """Mean deletion and insertion curves per kind of map: a column per group of images that has any."""
+    groups = {group: curves for group, curves in groups.items() if curves and len(next(iter(curves.values())).deletion)}
+    if not groups:
+        return _message_figure("No images to score.")
     fig = Figure(figsize=(5 * len(groups), 7), layout="constrained")
     axes = fig.subplots(2, len(groups), squeeze=False)
     for col, (group, curves) in enumerate(groups.items()):
@@ -422,9 +430,19 @@ def plot_deletion_insertion(groups: Mapping[str, Mapping[str, Curves]]) -> Figur
     return fig
 
 
+def _message_figure(message: str) -> Figure:
+    fig = Figure(figsize=(5, 0.6))
+    fig.text(0.5, 0.5, message, ha="center", va="center")
+    return fig
+
+
+def _sd(values: torch.Tensor) -> float:
+    """The sample standard deviation; NaN, without a warning, for fewer than two values."""
+    return float(values.std()) if len(values) > 1 else math.nan
+
+
 def _mean_sd(values: torch.Tensor) -> str:
-    sd = float(values.std()) if len(values) > 1 else math.nan
-    return f"{float(values.mean()):.3f} ± {sd:.3f}"
+    return f"{float(values.mean()):.3f} ± {_sd(values):.3f}"
 
 
 def _number(value) -> float | None:
