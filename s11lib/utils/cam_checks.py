@@ -32,8 +32,8 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from s11lib.constants import MEAN
-from s11lib.transforms import to_float
 from s11lib.utils.gradcam import GradCAM, normalize_maps, overlay
+from s11lib.utils.misclassified import plot_image_grid
 
 # The model's stages from the top down, as the cascading randomisation re-initialises them.
 STAGES = {"linear": ("linear",), "layer4": ("layer4",), "layer3": ("layer3",), "layer2": ("layer2",),
@@ -120,6 +120,11 @@ class Randomization:
     correlations: torch.Tensor  # (L, S, N) Spearman with the trained model's map; NaN: a constant map
     threshold: float = SANITY_THRESHOLD
 
+    @property
+    def stage_labels(self) -> list[str]:
+        """What is random after each stage: "linear", "+layer4", ... (cumulative)."""
+        return [stage if i == 0 else "+" + stage for i, stage in enumerate(self.stages)]
+
     def mean(self) -> torch.Tensor:
         """(L, S) mean rank correlation over the images whose maps are not constant."""
         return self.correlations.nanmean(2)
@@ -139,7 +144,7 @@ class Randomization:
 
     def table(self) -> str:
         """The mean rank correlations as text: a row per layer, a column per stage re-initialised."""
-        head = f"{'layer':<8}" + "".join(f"{'+' + s if i else s:>9}" for i, s in enumerate(self.stages)) + "  verdict"
+        head = f"{'layer':<8}" + "".join(f"{label:>9}" for label in self.stage_labels) + "  verdict"
         lines = [f"Spearman rank correlation with the trained model's maps (mean over {self.correlations.shape[2]} "
                  "images), stages re-initialised from the top down:", head]
         for i, layer in enumerate(self.layers):
@@ -278,6 +283,7 @@ def deletion_insertion(model: nn.Module, images: torch.Tensor, targets: torch.Te
         whole = _target_probability(model, images, targets, batch_size)
         bare = _target_probability(model, canvas.expand(n, -1, -1, -1), targets, batch_size)
         interior = counts[1:-1].to(images.device)
+        x, repeated = images[:, None], targets.repeat_interleave(len(interior))
         curves = {}
         for name, heatmaps in maps.items():
             if heatmaps.shape != (n, height, width):
@@ -285,8 +291,6 @@ def deletion_insertion(model: nn.Module, images: torch.Tensor, targets: torch.Te
             ranks = pixel_ranks(heatmaps, seed).to(images.device)
             # (N, J-2, 1, H, W): whether a pixel is among the first counts[j] of its map's order.
             first = (ranks[:, None, :] < interior[None, :, None]).reshape(n, len(interior), 1, height, width)
-            x = images[:, None]
-            repeated = targets.repeat_interleave(len(interior))
             removed = torch.where(first, canvas, x).flatten(0, 1)
             revealed = torch.where(first, x, canvas).flatten(0, 1)
             deletion = _target_probability(model, removed, repeated, batch_size).reshape(n, len(interior))
@@ -314,7 +318,7 @@ def faithfulness_table(groups: Mapping[str, Mapping[str, Curves]],
     better than each reference map's (image by image: the same image, model and fill)."""
     lines = []
     for group, curves in groups.items():
-        count = len(next(iter(curves.values())).deletion) if curves else 0
+        count = _image_count(curves)
         if not count:
             lines += [f"{group}: no images to score", ""]
             continue
@@ -339,11 +343,10 @@ def _beats(curves: Curves, reference: Curves) -> str:
 
 def faithfulness_dict(groups: Mapping[str, Mapping[str, Curves]], fill: str = FILL) -> dict:
     """The curves' means and areas per group and kind of map, for cam_checks.json."""
+    fractions = next((c.fractions for curves in groups.values() for c in curves.values()), torch.zeros(0))
     out = {"method": "deletion and insertion (Petsiuk et al. 2018), probability of the explained class",
-           "fill": fill, "groups": {}}
+           "fill": fill, "fractions": [round(v, 6) for v in fractions.tolist()], "groups": {}}  # one for all maps
     for group, curves in groups.items():
-        some = next(iter(curves.values()))
-        out["fractions"] = [round(v, 6) for v in some.fractions.tolist()]
         out["groups"][group] = {name: {
             "images": len(c.deletion),
             "deletion_auc_mean": _number(c.deletion_auc.mean()), "deletion_auc_sd": _number(_sd(c.deletion_auc)),
@@ -359,7 +362,7 @@ def plot_randomization(result: Randomization) -> Figure:
     """Mean rank correlation with the trained model's maps as more of the model is re-initialised."""
     fig = Figure(figsize=(8, 4.2), layout="constrained")
     ax = fig.subplots()
-    labels = ["trained"] + [s if i == 0 else "+" + s for i, s in enumerate(result.stages)]
+    labels = ["trained"] + result.stage_labels
     xs = np.arange(len(labels))
     for i, layer in enumerate(result.layers):
         per_image = result.correlations[i].numpy()
@@ -382,34 +385,25 @@ def plot_randomization(result: Randomization) -> Figure:
 
 def plot_randomization_maps(result: Randomization, images: torch.Tensor, layer: str, count: int = 4,
                             alpha: float = 0.5) -> Figure:
-    """The first `count` images' maps at `layer`: trained, then after each stage is re-initialised."""
+    """The first `count` images' maps at `layer`: trained, then after each stage is re-initialised,
+    each titled with its rank correlation with the trained map."""
     i = result.layers.index(layer)
     count = min(count, result.maps.shape[2])
     if not count:
         return _message_figure("No images to show: the sanity check had none.")
-    columns = 1 + result.maps.shape[1]
-    fig = Figure(figsize=(1.45 * columns, 1.6 * count + 0.5), layout="constrained")
-    axes = fig.subplots(count, columns, squeeze=False)
-    titles = ["image", "trained"] + [s if k == 0 else "+" + s for k, s in enumerate(result.stages)]
+    panels, titles = [], []
     for row in range(count):
-        maps = normalize_maps(result.maps[i, :, row])
-        panels = [to_float(images[row]).permute(1, 2, 0).numpy()] + [overlay(images[row], m, alpha) for m in maps]
-        for col, (ax, panel) in enumerate(zip(axes[row], panels)):
-            ax.imshow(np.clip(panel, 0, 1), interpolation="bilinear")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(titles[col], fontsize=8)
-            if col >= 2:
-                ax.set_xlabel(f"ρ = {float(result.correlations[i, col - 2, row]):.2f}", fontsize=7)
-    fig.suptitle(f"Grad-CAM ({layer}) as the model is re-initialised from the top down; ρ: rank correlation "
-                 "with the trained map", fontsize=9)
-    return fig
+        panels += [images[row]] + [overlay(images[row], m, alpha) for m in normalize_maps(result.maps[i, :, row])]
+        titles += ["image", "trained"] + [f"{label}\nρ = {float(rho):.2f}"
+                                          for label, rho in zip(result.stage_labels, result.correlations[i, :, row])]
+    return plot_image_grid(panels, titles, ncols=2 + len(result.stages), panel_size=(1.45, 1.75),
+                           suptitle=f"Grad-CAM ({layer}) as the model is re-initialised from the top down; "
+                                    "ρ: rank correlation with the trained map")
 
 
 def plot_deletion_insertion(groups: Mapping[str, Mapping[str, Curves]]) -> Figure:
     """Mean deletion and insertion curves per kind of map: a column per group of images that has any."""
-    groups = {group: curves for group, curves in groups.items() if curves and len(next(iter(curves.values())).deletion)}
+    groups = {group: curves for group, curves in groups.items() if _image_count(curves)}
     if not groups:
         return _message_figure("No images to score.")
     fig = Figure(figsize=(5 * len(groups), 7), layout="constrained")
@@ -428,6 +422,11 @@ def plot_deletion_insertion(groups: Mapping[str, Mapping[str, Curves]]) -> Figur
                    title=f"{kind.capitalize()}, {group} ({len(c.deletion)} images)", ylim=(0, 1))
             ax.legend(fontsize=7, title=f"map (area, {better} is better)", title_fontsize=7)
     return fig
+
+
+def _image_count(curves: Mapping[str, Curves]) -> int:
+    """How many images a group's curves cover (every map has the same images)."""
+    return len(next(iter(curves.values())).deletion) if curves else 0
 
 
 def _message_figure(message: str) -> Figure:

@@ -44,11 +44,13 @@ def plot_image_grid(
     titles: list[str],
     ncols: int = 5,
     suptitle: str | None = None,
+    panel_size: tuple[float, float] = (2.2, 2.5),
 ) -> Figure:
-    """A grid of images (N, 3, H, W) uint8/[0, 1], or ready RGB arrays (N, H, W, 3), with titles."""
+    """A grid of images (N, 3, H, W) uint8/[0, 1], or ready RGB arrays (N, H, W, 3), with titles;
+    each panel `panel_size` inches (width, height) with its title."""
     n = len(images)
     nrows = max(1, -(-n // ncols))
-    fig = Figure(figsize=(2.2 * ncols, 2.5 * nrows), layout="constrained")
+    fig = Figure(figsize=(panel_size[0] * ncols, panel_size[1] * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
