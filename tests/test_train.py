@@ -1,18 +1,24 @@
 """The training loop: same as a plain loop, ReduceLROnPlateau really acts, a short real run learns,
-and checkpoints load safely (bad input: test_bad_input.py; crashes and resume: test_resume.py)."""
+and checkpoints load safely (bad input: test_bad_input.py; crashes and resume: test_resume.py).
+How run() wires the parts, each checked by what it does: the rate of every warm-up step, the
+plateau watching its metric in that metric's direction, best.pt chosen on validation, and
+gradcam.npz holding best.pt's Grad-CAM for its own predictions."""
 import copy
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from s11lib.config import Config
-from s11lib.loaders import DeviceLoader
+from s11lib.loaders import DeviceLoader, load_cifar10
 from s11lib.models import resnet18
 from s11lib.optim import make_optimizer
 from s11lib.run import read_metrics, run
 from s11lib.transforms import test_transforms, train_transforms
+from s11lib.utils.gradcam import GradCAM
 from s11lib.utils.train_test import NonFiniteLossError, evaluate, train_epoch
 
 
@@ -115,6 +121,55 @@ def test_patience_waits_before_lowering(data_dir, tmp_path):
     assert lrs == pytest.approx([1, 1, 1, 1, 0.2])
 
 
+def _script_scores(monkeypatch, config: Config, **script: list[dict]) -> list[dict]:
+    """Make run()'s evaluations of each epoch report scripted scores, and keep what they evaluated.
+
+    `script` maps a split ("val" or "test") to one dict of EpochResult fields per epoch (`correct`
+    out of the split's images, `loss`); the splits are told apart by their sizes. Everything
+    else is real: the training, and the pass over best.pt that explains the mistakes. For runs
+    without a weight average (one pass per split and epoch). Returns, for each validation pass, a
+    copy of the weights it evaluated."""
+    import s11lib.run as run_module
+
+    split_of = {config.val_size: "val", config.test_subset: "test"}
+    assert len(split_of) == 2, "the splits must differ in size to be told apart"
+    real, calls, validated = run_module.evaluate, {"val": 0, "test": 0}, []
+
+    def scripted(model, loader, *args, **kwargs):
+        result, logits = real(model, loader, *args, **kwargs)
+        if kwargs.get("keep_logits"):  # explain()'s pass over best.pt: its real scores
+            return result, logits
+        split = split_of[result.total]
+        if split == "val":
+            validated.append(copy.deepcopy(model.state_dict()))
+        fields = script.get(split, [])
+        epoch, calls[split] = calls[split], calls[split] + 1
+        return (dataclasses.replace(result, **fields[epoch]) if epoch < len(fields) else result), logits
+
+    monkeypatch.setattr(run_module, "evaluate", scripted)
+    return validated
+
+
+@pytest.mark.parametrize("metric", ["val_loss", "val_acc"])
+def test_plateau_lowers_the_rate_only_when_the_watched_metric_stops_improving(data_dir, tmp_path, monkeypatch,
+                                                                              metric):
+    # The watched metric improves in its own direction (loss down, accuracy up) for three epochs,
+    # then gets worse in epoch 4: with patience 0 the rate drops for epoch 5. Every other score
+    # zigzags, so that in either direction it stops improving by epoch 3: watching one of them, or
+    # the watched one in the other direction, drops the rate for epoch 3 or 4.
+    config = _quick(data_dir, tmp_path, epochs=5, warmup_epochs=0, plateau_metric=metric, plateau_patience=0,
+                    plateau_factor=0.5, min_lr=0)
+    improves = {"acc": [4, 8, 16, 12, 12], "loss": [2.0, 1.5, 1.0, 1.2, 1.2]}  # acc: hits out of 32 or 40
+    zigzags = {"acc": [16, 8, 16, 8, 16], "loss": [1.0, 1.5, 1.0, 1.5, 1.0]}
+    watched = metric.removeprefix("val_")
+    val = {kind: (improves if kind == watched else zigzags)[kind] for kind in ("acc", "loss")}
+    _script_scores(monkeypatch, config, val=[dict(correct=c, loss=l) for c, l in zip(val["acc"], val["loss"])],
+                   test=[dict(correct=c, loss=l) for c, l in zip(zigzags["acc"], zigzags["loss"])])
+    rows = run(config).rows
+    assert [(r["val_acc"], r["val_loss"]) for r in rows] == [(100 * c / 32, l) for c, l in zip(val["acc"], val["loss"])]
+    assert [r["lr"] / config.peak_lr for r in rows] == pytest.approx([1, 1, 1, 1, 0.5])
+
+
 def _record_step_lrs(monkeypatch) -> list[float]:
     """The rate of every optimiser step run() takes, read from the optimiser as it steps."""
     import s11lib.run as run_module
@@ -169,6 +224,30 @@ def test_short_real_run_learns(learned_run, is_real_data):
     assert max(r["test_acc"] for r in rows) >= (20.0 if is_real_data else 25.0), rows
 
 
+def test_gradcam_npz_holds_gradcam_of_best_pt_for_its_own_predictions(learned_run, data_dir):
+    # Rebuilt from best.pt and the test images alone. The stored `targets` cannot serve as the
+    # reference: the run writes its predictions there whatever class its maps explain.
+    out_dir = learned_run.out_dir
+    best = torch.load(out_dir / "best.pt", weights_only=True)
+    config = Config.from_dict(best["config"])
+    model = resnet18(width=config.width).eval()
+    model.load_state_dict(best["model"])
+    saved = np.load(out_dir / "gradcam.npz")
+    images, labels = load_cifar10(data_dir, train=False)
+    indices = torch.from_numpy(saved["indices"])
+    x, labels = test_transforms()(images[indices]), labels[indices]
+    with torch.no_grad():
+        preds = model(x).argmax(1)
+    assert len(x) == config.num_misclassified and (preds != labels).all()
+    with GradCAM(model, str(saved["layer"])) as cam:
+        for_preds, for_labels = cam(x, preds), cam(x, labels)
+    # The same computation on the same machine, maps in [0, 1]: 1e-4 is room for another batch
+    # path; the true class's map (what a run explaining the labels would store) is far off.
+    torch.testing.assert_close(torch.from_numpy(saved["heatmaps"]), for_preds, atol=1e-4, rtol=0)
+    assert (for_labels - for_preds).abs().amax(dim=(1, 2)).min() > 0.05
+    assert saved["targets"].tolist() == preds.tolist() and str(saved["layer"]) == config.gradcam_layer
+
+
 def test_checkpoints_load_safely_and_hold_the_run(data_dir, tmp_path):
     config = _quick(data_dir, tmp_path, epochs=2)
     result = run(config)
@@ -188,6 +267,22 @@ def test_checkpoints_load_safely_and_hold_the_run(data_dir, tmp_path):
     assert 0 < last["metrics"]["seconds"] < result.rows[-1]["seconds"]
     assert best["epoch"] == result.best_epoch == last["best"]["epoch"]
     assert best["metrics"] == {**result.rows[result.best_epoch - 1], "seconds": best["metrics"]["seconds"]}
+
+
+def test_best_pt_is_the_best_epoch_on_validation_when_the_test_set_would_pick_another(data_dir, tmp_path,
+                                                                                      monkeypatch):
+    # Validation peaks at epoch 2, the test set at epoch 3: best.pt must hold epoch 2's weights.
+    config = _quick(data_dir, tmp_path, epochs=3)
+    validated = _script_scores(monkeypatch, config, val=[dict(correct=c) for c in (8, 24, 16)],  # of 32
+                               test=[dict(correct=c) for c in (10, 20, 30)])  # of 40
+    result = run(config)
+    assert [r["val_acc"] for r in result.rows] == [25.0, 75.0, 50.0]
+    assert [r["test_acc"] for r in result.rows] == [25.0, 50.0, 75.0]
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert result.best_epoch == best["epoch"] == 2
+    assert all(torch.equal(best["model"][k], validated[1][k]) for k in best["model"])
+    assert not all(torch.equal(best["model"][k], validated[2][k]) for k in best["model"])  # epochs differ
+    assert json.loads((tmp_path / "misclassified.json").read_text())["epoch"] == 2  # the model explained
 
 
 def test_with_a_weight_average_best_pt_holds_the_average(data_dir, tmp_path):
