@@ -124,8 +124,8 @@ def test_patience_waits_before_lowering(data_dir, tmp_path):
 def _script_scores(monkeypatch, config: Config, **script: list[dict]) -> list[dict]:
     """Make run()'s evaluations of each epoch report scripted scores, and keep what they evaluated.
 
-    `script` maps a split ("val" or "test") to one dict of EpochResult fields per epoch (`correct`
-    out of the split's images, `loss`); the splits are told apart by their sizes. Everything
+    `script` maps each split ("val" and "test") to one dict of EpochResult fields per epoch
+    (`correct` out of the split's images, `loss`); the splits are told apart by their sizes. Everything
     else is real: the training, and the pass over best.pt that explains the mistakes. For runs
     without a weight average (one pass per split and epoch). Returns, for each validation pass, a
     copy of the weights it evaluated."""
@@ -142,9 +142,8 @@ def _script_scores(monkeypatch, config: Config, **script: list[dict]) -> list[di
         split = split_of[result.total]
         if split == "val":
             validated.append(copy.deepcopy(model.state_dict()))
-        fields = script.get(split, [])
         epoch, calls[split] = calls[split], calls[split] + 1
-        return (dataclasses.replace(result, **fields[epoch]) if epoch < len(fields) else result), logits
+        return dataclasses.replace(result, **script[split][epoch]), logits
 
     monkeypatch.setattr(run_module, "evaluate", scripted)
     return validated
