@@ -116,3 +116,55 @@ def auto_precision(capability: tuple[int, int]) -> Precision:
     if major == 7:
         return Precision(torch.float16, f"amp='auto', {cc}: fp16 tensor cores, no bf16 convolutions below 8.0")
     return Precision(None, f"amp='auto', {cc}: no tensor cores below 7.0")
+
+
+# oneDNN's jit_1x1 convolution, backward by weights, with a stride above 1 and an NHWC source first
+# copies the source to unit stride ("rtus") into a workspace sized for the real input channels, but
+# writes whole channel blocks (8 floats on AVX2, 16 on AVX-512): with fewer input channels than a
+# block it writes past the workspace (uxlfoundation/oneDNN#6035, open). Seen here with torch
+# 2.14.1 (oneDNN 3.12): hangs with 2 threads (the overflow lands on the kernel's own barrier),
+# segfaults with 1, or silently wrong weight gradients (tests/test_onednn.py). ResNet18's shortcuts
+# are such convolutions, with width, 2 x width and 4 x width input channels: width < 16 meets it.
+# Contiguous (NCHW) tensors take another kernel and are safe.
+ONEDNN_NHWC_MIN_CHANNELS = 16  # the widest block (AVX-512); AVX2's is 8
+
+
+def onednn_nhwc_hazards(model: torch.nn.Module) -> list[str]:
+    """The convolutions of `model` whose weight gradient oneDNN#6035 breaks on the CPU in NHWC:
+    1x1, a stride above 1, fewer than ONEDNN_NHWC_MIN_CHANNELS input channels per group."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1
+            and m.in_channels // m.groups < ONEDNN_NHWC_MIN_CHANNELS]
+
+
+@dataclass(frozen=True)
+class CpuLayout:
+    """What a run on this device may do with the memory layout, and why (see onednn_nhwc_hazards)."""
+
+    channels_last: bool  # the layout the run uses
+    # torch.compile: inductor's layout optimisation turns convolutions NHWC by itself, on the CPU too;
+    # False keeps them as they come.
+    inductor_layout_optimization: bool
+    note: str  # "" when nothing was changed
+
+    def compile_options(self) -> dict:
+        """torch._inductor.config settings for the run's compiles (empty when none are needed)."""
+        return {} if self.inductor_layout_optimization else {"layout_optimization": False}
+
+
+def safe_layout(model: torch.nn.Module, device: torch.device, channels_last: bool, compile: bool) -> CpuLayout:
+    """The layout a run of `model` on `device` can use without meeting oneDNN#6035: on the CPU,
+    with a convolution it breaks, channels_last falls back to contiguous and compiled code keeps
+    the contiguous layout. Elsewhere (CUDA: cuDNN) everything is as asked."""
+    hazards = onednn_nhwc_hazards(model) if device.type == "cpu" and (channels_last or compile) else []
+    if not hazards:
+        return CpuLayout(channels_last, True, "")
+    changed = []
+    if channels_last:
+        changed.append("channels_last off (contiguous instead)")
+    if compile:
+        changed.append("compiled with inductor's layout optimisation off")
+    note = (f"{' and '.join(changed)}: oneDNN on the CPU hangs or computes wrong weight gradients for 1x1 "
+            f"stride-2 convolutions in NHWC with under {ONEDNN_NHWC_MIN_CHANNELS} input channels "
+            f"({', '.join(hazards)}; uxlfoundation/oneDNN#6035); width >= {ONEDNN_NHWC_MIN_CHANNELS} avoids it")
+    return CpuLayout(False, False, note)

@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from s11lib import checkpoint, distributed
 from s11lib.config import LR_REFERENCE_BATCH, Config, field_help
 from s11lib.constants import CLASSES, NUM_CLASSES
-from s11lib.device import Precision, resolve_precision
+from s11lib.device import Precision, resolve_precision, safe_layout
 from s11lib.distributed import Ranks
 from s11lib.loaders import Loaders, build_loaders
 from s11lib.models import resnet18
@@ -142,8 +142,9 @@ def _run(config: Config, ranks: Ranks, device: torch.device) -> RunResult | None
         raise ValueError(f"{data.train.num_images} training images are fewer than one batch of {config.batch_size}: "
                          "the ranks could not share it evenly; pass a smaller batch_size or more images")
     # channels_last: the weights alone are enough, each convolution then returns NHWC (and turns
-    # the 3-channel input itself).
-    model = model.to(device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
+    # the 3-channel input itself). On the CPU, narrow models keep NCHW (s11lib/device.py, safe_layout).
+    layout = safe_layout(model, device, config.channels_last, config.compile)
+    model = model.to(device, memory_format=torch.channels_last if layout.channels_last else torch.contiguous_format)
     optimizer = make_optimizer(model, config, device)
     scheduler = make_scheduler(optimizer, config)
     scaler = precision.grad_scaler(device)
@@ -162,6 +163,8 @@ def _run(config: Config, ranks: Ranks, device: torch.device) -> RunResult | None
         print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
               f"torch {torch.__version__}; precision: {precision}; compile: {config.compile}, "
               f"channels_last: {config.channels_last}")
+        if layout.note:
+            print(f"note: {layout.note}")
         if ranks.distributed:
             print(f"data-parallel: {ranks.world_size} processes ({torch.distributed.get_backend()}), "
                   f"{config.batch_size // ranks.world_size} of each batch of {config.batch_size} images per process")
@@ -172,13 +175,23 @@ def _run(config: Config, ranks: Ranks, device: torch.device) -> RunResult | None
               f"/ {LR_REFERENCE_BATCH}), "
               f"warm-up {warmup.steps} steps, then ReduceLROnPlateau on {_watched(config, data)}")
         sys.stdout.flush()  # before the progress bars on stderr: a notebook then shows the two in order
-        rows, best_epoch, step_losses = _train(model, data, optimizer, scheduler, scaler, warmup, average, config,
-                                               device, precision, out_dir, resumed, ranks)
+        with _inductor_options(layout.compile_options() if config.compile else {}):
+            rows, best_epoch, step_losses = _train(model, data, optimizer, scheduler, scaler, warmup, average,
+                                                   config, device, precision, out_dir, resumed, ranks)
         if not ranks.is_main:
             return None
         result = explain(model, data, config, device, out_dir, rows, best_epoch)
         result.step_losses = step_losses
         return result
+
+
+def _inductor_options(options: dict) -> contextlib.AbstractContextManager:
+    """torch._inductor.config patched with `options` for the compiles inside (they happen lazily,
+    at the first call of each shape), or nothing at all without options."""
+    if not options:
+        return contextlib.nullcontext()
+    import torch._inductor.config as inductor_config
+    return inductor_config.patch(options)
 
 
 def _claim(out_dir: Path, config: Config, resumed: checkpoint.ResumePoint | None,
