@@ -30,12 +30,20 @@ pytestmark = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", 
 CPU = torch.device("cpu")
 
 
+# How far compiled steps honestly drift from eager ones on the CPU (bench/compile_drift.py, width 16,
+# batch 16, 3 steps, seeds 0-2, 1 and 2 threads, AVX-512 and AVX2 kernels; 2 CPU cores, Intel Xeon,
+# torch 2.14.1+cu130, 2026-12-01): losses 1.1e-7 relative at most, parameters 3.0e-8 absolute. The
+# tolerances sit 100x above that. The 1.6e-4 that once failed here at width 4 was no drift: inductor
+# had made the convolutions NHWC, where oneDNN#6035 computes wrong weight gradients (test_onednn.py).
+DRIFT = dict(rtol=1e-5, atol=1e-6)
+
+
 def test_compiled_training_steps_match_eager():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (48,), generator=g)
     torch.manual_seed(0)
-    eager = resnet18(width=4)
+    eager = resnet18(width=16)  # not narrower: see DRIFT
     compiled = copy.deepcopy(eager)
     config = Config(lr=0.2, batch_size=16)
     losses = {}
@@ -43,11 +51,11 @@ def test_compiled_training_steps_match_eager():
         result = train_epoch(step_model, DeviceLoader(images, labels, 16, test_transforms()),
                              make_optimizer(model, config, CPU), nn.CrossEntropyLoss(), 1, CPU, progress=False)
         losses[name] = result.step_losses
-    torch.testing.assert_close(losses["compiled"], losses["eager"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(losses["compiled"], losses["eager"], **DRIFT)
     moved = False
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
-        moved |= not torch.equal(p, resnet18(width=4).state_dict()[name])
+        torch.testing.assert_close(q, p, **DRIFT, msg=name)
+        moved |= not torch.equal(p, resnet18(width=16).state_dict()[name])
     assert moved
     assert list(compiled.state_dict()) == list(eager.state_dict())  # no "_orig_mod." prefix
 
@@ -59,7 +67,8 @@ def killed_and_resumed(data_dir, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("compiled")
     # 120 training images (3 steps an epoch), 40 validation and 50 test at batch 32: both end on an
     # odd batch (8 and 18 images).
-    options = dict(device="cpu", amp="fp16", compile=True, channels_last=True, val_size=40, test_subset=50)
+    # Width 16: narrower, channels_last on the CPU falls back to contiguous (s11lib/device.py).
+    options = dict(device="cpu", amp="fp16", compile=True, channels_last=True, val_size=40, test_subset=50, width=16)
     killed = _run_child(data_dir, out_dir, "--kill-after-step", "4", killed=True, **options)  # in epoch 2
 
     from torch._dynamo.utils import counters
@@ -84,12 +93,13 @@ def killed_and_resumed(data_dir, tmp_path_factory):
 def test_a_compiled_fp16_run_resumes_after_a_kill(killed_and_resumed, capsys):
     out_dir, killed, code, _ = killed_and_resumed
     assert "precision: fp16 with loss scaling (amp='fp16'); compile: True, channels_last: True" in killed.stdout
+    assert "note: " not in killed.stdout  # width 16: nothing fell back
     assert code == 0
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(OUTPUT_FILES)
     assert [r["epoch"] for r in read_metrics(out_dir / "metrics.csv")] == [1, 2, 3]
     last = torch.load(out_dir / "last.pt", weights_only=True)
     assert last["epoch"] == 3 and last["scaler"]["scale"] > 0  # the loss scale is saved
-    assert list(last["model"]) == list(resnet18(width=8).state_dict())  # plain keys: no "_orig_mod."
+    assert list(last["model"]) == list(resnet18(width=16).state_dict())  # plain keys: no "_orig_mod."
     assert all(torch.isfinite(t).all() for t in last["model"].values())
     heatmaps = np.load(out_dir / "gradcam.npz")["heatmaps"]
     assert heatmaps.shape == (5, 32, 32) and 0 <= heatmaps.min() and heatmaps.max() <= 1
