@@ -139,7 +139,8 @@ def executed(data_dir, tmp_path_factory):
     params = dict(data_dir=str(data_dir), out_dir=str(out_dir), download=False, epochs=2, batch_size=32,
                   train_subset=96, val_size=32, test_subset=100)  # the shipped recipe
     args = [a for name, value in params.items() for a in ("-p", name, str(value))]
-    done = subprocess.run([sys.executable, "-m", "s11lib.notebook", *args], cwd=tmp, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "s11lib.notebook", *args], cwd=tmp, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     nb = nbformat.read(out_dir / "train.ipynb", as_version=4)  # the executed notebook lives with its run
     return nb, out_dir, params, done
@@ -161,7 +162,7 @@ def test_an_unknown_parameter_stops_papermill_itself(data_dir, tmp_path):
     params = dict(data_dir=str(data_dir), out_dir=str(tmp_path / "run"), download=False, epoch=2)
     with pytest.raises(pm.PapermillExecutionError) as e:
         pm.execute_notebook(str(NOTEBOOK), str(tmp_path / "out.ipynb"), parameters=params, kernel_name="python3",
-                            progress_bar=False, cwd=str(tmp_path))
+                            progress_bar=False, cwd=str(tmp_path), execution_timeout=300)
     assert e.value.ename == "ValueError"
     assert e.value.evalue.startswith("unknown parameter 'epoch' (did you mean 'epochs'?)")
     assert not (tmp_path / "run").exists()

@@ -337,7 +337,7 @@ def test_load_sweep_reads_each_runs_accuracy_per_class(swept, data_dir):
 def test_compare_notebook_runs_under_papermill(swept, data_dir, tmp_path):
     notebook = swept.folder.parents[0] / "compare-run.ipynb"
     pm.execute_notebook(str(ROOT / "notebooks" / "compare.ipynb"), str(notebook), parameters={"sweep_dir": str(swept.folder)},
-                        kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
+                        kernel_name="python3", progress_bar=False, cwd=str(tmp_path), execution_timeout=300)
     outputs = [o for c in nbformat.read(notebook, as_version=4).cells for o in c.get("outputs", [])]
     text = "".join(o.get("text", "") for o in outputs)
     assert f"{swept.folder}: 4 of 4 runs done" in text

@@ -163,7 +163,8 @@ def test_offline_without_data_is_one_line_and_leaves_no_folders(tmp_path):
     # The real thing, kernel and all: the README's first command on a machine without the data and
     # without internet. The download cannot be tried here (CI may be online), so download=False.
     done = subprocess.run([sys.executable, "-m", "s11lib.notebook", "-p", "data_dir", "data", "-p", "download",
-                           "False", "-p", "out_dir", "runs/train"], cwd=tmp_path, capture_output=True, text=True)
+                           "False", "-p", "out_dir", "runs/train"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 2, done.stderr
     last = done.stderr.splitlines()[-1]
     assert last.startswith("error: data/cifar-10-batches-py: no such folder"), done.stderr
@@ -196,7 +197,8 @@ exec {sys.executable} "$@"
     def setup(extras="", torch_index="") -> list[str]:
         before = log.read_text().splitlines() if log.exists() else []
         subprocess.run(["bash", "-c", f"set -e; S11_EXTRAS={extras} S11_TORCH_INDEX={torch_index} "
-                                      "source scripts/setup-env.sh"], cwd=tmp_path, check=True, capture_output=True)
+                                      "source scripts/setup-env.sh"], cwd=tmp_path, check=True, capture_output=True,
+                       timeout=120)
         return log.read_text().splitlines()[len(before):] if log.exists() else []
 
     for name in ("s11lib-imports", "torch-imports", "torch-installed"):
