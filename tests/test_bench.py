@@ -109,6 +109,15 @@ def test_the_gpu_report_runs_in_its_tiny_mode(data_dir, tmp_path, capsys):
     assert "last.pt: " in markdown and "standard pipeline" in markdown
 
 
+def test_the_gpu_report_refuses_a_width_that_channels_last_breaks_on_the_cpu(data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _load("gpu_report").main([str(tmp_path), "--data-dir", str(data_dir), "--device", "cpu", "--width", "8"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("error: --width 8 on the CPU: channels_last there hangs or computes wrong gradients in "
+                        "layer2.0.shortcut.0 (oneDNN#6035); use --width 16 or more")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_heatmap_checks_benchmark_runs_and_prints_its_table(data_dir, capsys):
     bench = _load("cam_checks")
     assert bench.main(["--data-dir", str(data_dir), "--widths", "4", "--mistakes", "2", "--correct", "3",
