@@ -18,7 +18,10 @@ line, with what a person at a terminal needs on top.
   any other failure prints papermill's report with the traceback and exits 1; both keep the
   executed notebook, which shows where it stopped.
 * **Ctrl-C and SIGTERM** (`kill`, `timeout`, a job scheduler) shut the kernel down (a SIGTERM to
-  papermill alone would leave it training, orphaned), say how to continue, and exit 130.
+  papermill alone would leave it training, orphaned), say how to continue (or, before the first
+  epoch ended, that there is nothing to continue yet), and exit 130.
+* **Quiet**: papermill's banners (log level WARNING unless `--log-level` is given) and the
+  kernel's own log (`KERNEL_QUIET`) stay off the terminal.
 
 The checks in the notebook itself (`Config.from_notebook`) still stop an unknown parameter
 passed through papermill's own entry points (`papermill` on the command line,
@@ -27,6 +30,8 @@ passed through papermill's own entry points (`papermill` on the command line,
 from __future__ import annotations
 
 import base64
+import functools
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -34,6 +39,7 @@ from pathlib import Path
 import click
 import yaml
 from click.core import ParameterSource
+from papermill import cli as papermill_cli
 from papermill.cli import _resolve_type
 from papermill.cli import papermill as papermill_command
 from papermill.exceptions import PapermillExecutionError
@@ -51,6 +57,11 @@ PROG = "bash scripts/train.sh"
 # for every bad input (README, "What happens when things go wrong"), as the CLI assumes too.
 BAD_INPUT = tuple(error.__name__ for error in (ValueError, DatasetError, CheckpointError))
 DIVERGED = (NonFiniteLossError.__name__,)
+# The ipykernel's own log goes to the terminal, not into the notebook: a warning about TCP at every
+# start, and on Ctrl-C about 20 lines of ZMQError as papermill closes the sockets under a reply.
+# Errors of the notebook's code still reach the terminal (through the notebook's outputs), and a
+# kernel that dies is still reported by papermill.
+KERNEL_QUIET = ["--IPKernelApp.log_level=CRITICAL"]
 
 
 def parameters_of(params: dict) -> dict:
@@ -131,15 +142,26 @@ def main(argv: list[str] | None = None) -> int:
         params["progress_bar"] = False  # papermill's cell counter would cut through the epoch bars
     if ctx.get_parameter_source("cwd") is ParameterSource.DEFAULT:
         params["cwd"] = "."  # paths in the parameters are relative to where the command runs
+    if ctx.get_parameter_source("log_level") is ParameterSource.DEFAULT:
+        params["log_level"] = "WARNING"  # papermill's banners (Input Notebook: ...) would bury the run's lines
+    kernel_args = KERNEL_QUIET if params["kernel"] in (None, "python3") else []
 
-    interrupted = f"\ninterrupted; the same command continues the run from {out_dir / 'last.pt'}"
+    def interrupted() -> str:
+        if (out_dir / "last.pt").is_file():
+            return f"\ninterrupted; the same command continues the run from {out_dir / 'last.pt'}"
+        return "\ninterrupted before the first epoch ended: there is nothing to continue from yet; the same command starts the run again"
 
-    def stop(signum, frame):  # `kill`, a job scheduler, `timeout`: shut the kernel down too, as Ctrl-C does
+    def stop(signum, frame):
+        # Ctrl-C, and `kill`, a job scheduler, `timeout`: shut the kernel down as Ctrl-C does. The
+        # kernel, interrupted too, may die under nbclient's wait ("Kernel died while waiting",
+        # asyncio's "Task exception was never retrieved" at exit): logs that would follow the one line.
+        logging.disable(logging.CRITICAL)
         raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    logs_off_before = logging.root.manager.disable
     try:
         with ctx:
-            code = _invoke(ctx)
+            code = _invoke(ctx, kernel_args)
     except PapermillExecutionError as e:
         if e.ename in BAD_INPUT:
             output.unlink(missing_ok=True)  # bad input leaves nothing behind
@@ -149,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e.evalue}", file=sys.stderr)
             return 2
         if e.ename == "KeyboardInterrupt":  # Ctrl-C reaches the kernel too
-            print(interrupted, file=sys.stderr)
+            print(interrupted(), file=sys.stderr)
             return 130
         if e.ename in DIVERGED:
             print(f"error: {e.evalue} (the executed notebook: {output})", file=sys.stderr)
@@ -158,22 +180,34 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
+        print(interrupted(), file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        logging.disable(logs_off_before)
     if code == 0:
         print(f"the executed notebook: {output}; the run's files: {out_dir}", file=sys.stderr)
     return code
 
 
-def _invoke(ctx: click.Context) -> int:
+def _invoke(ctx: click.Context, kernel_args: list[str] = ()) -> int:
+    """papermill's command, with `kernel_args` added to the kernel's command line (papermill's CLI
+    has no option for them; its execute_notebook passes them to nbclient as `extra_arguments`)."""
+    real = papermill_cli.execute_notebook
+    if kernel_args:
+        papermill_cli.execute_notebook = functools.partial(real, extra_arguments=list(kernel_args))
     try:
         papermill_command.invoke(ctx)
     except SystemExit as e:  # papermill exits 138 when the kernel died
         return e.code if isinstance(e.code, int) else 1
+    finally:
+        papermill_cli.execute_notebook = real
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if exit_code == 130:  # interrupted: asyncio logs the dead kernel's tasks as they are collected, at exit
+        logging.disable(logging.CRITICAL)
+    sys.exit(exit_code)

@@ -207,8 +207,11 @@ def _claim(out_dir: Path, config: Config, resumed: checkpoint.ResumePoint | None
         stale = [out_dir / name for name in OUTPUT_FILES if (out_dir / name).exists()]
         for path in stale:  # a fresh start must not leave another run's best.pt or figures behind
             path.unlink()
-        if stale:
+        if stale and not config.resume:
             print(f"resume=False: starting over in {out_dir} (removed the previous run's files)")
+        elif stale:  # a run stopped before its first epoch ended left config.json (and maybe more)
+            print(f"no {checkpoint.LAST} in {out_dir} to continue from: starting the run from epoch 1 "
+                  f"(removed {', '.join(sorted(p.name for p in stale))})")
     atomic.save_json(config.to_dict(), out_dir / "config.json")
 
 

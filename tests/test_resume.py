@@ -226,6 +226,20 @@ def test_resume_false_starts_over_and_a_fresh_out_dir_touches_nothing_else(data_
     _identical(torch.load(first / "last.pt", weights_only=True)["model"], same)
 
 
+def test_a_run_stopped_in_its_first_epoch_starts_again_and_says_why(data_dir, tmp_path, capsys):
+    # What an interrupt in epoch 1 leaves: config.json, no last.pt. The message used to blame
+    # resume=False, which nobody had set.
+    run(_config(data_dir, tmp_path, epochs=1, resume=False))
+    (tmp_path / "last.pt").unlink()
+    capsys.readouterr()
+    run(_config(data_dir, tmp_path, epochs=1))
+    out = capsys.readouterr().out
+    assert "resume=False" not in out
+    assert f"no last.pt in {tmp_path} to continue from: starting the run from epoch 1 (removed best.pt, " in out
+    run(_config(data_dir, tmp_path, epochs=1, resume=False))
+    assert f"resume=False: starting over in {tmp_path} (removed the previous run's files)" in capsys.readouterr().out
+
+
 def test_two_runs_cannot_share_an_out_dir(data_dir, tmp_path):
     tmp_path.mkdir(exist_ok=True)
     with atomic.exclusive(tmp_path):  # as a run in progress holds it

@@ -30,8 +30,8 @@ class FakePapermill:
         self.calls: list[dict] = []
         self.fail: tuple[str, str] | None = None
 
-    def __call__(self, ctx) -> int:
-        self.calls.append(dict(ctx.params))
+    def __call__(self, ctx, kernel_args=()) -> int:
+        self.calls.append({**ctx.params, "kernel_args": list(kernel_args)})
         Path(ctx.params["output_path"]).write_text(f"executed notebook {len(self.calls)}")
         if self.fail:
             raise PapermillExecutionError(7, 3, "run(config)", *self.fail, ["traceback"])
@@ -62,6 +62,8 @@ def test_the_notebook_goes_into_its_run_folder_and_earlier_ones_are_kept(papermi
     params = papermill.calls[0]
     assert params["stdout_file"] is sys.stdout and params["stderr_file"] is sys.stderr
     assert params["progress_bar"] is False and params["cwd"] == "."
+    # papermill's banners and the kernel's own log stay off the terminal.
+    assert params["log_level"] == "WARNING" and params["kernel_args"] == driver.KERNEL_QUIET
     assert params["parameters"] == (("out_dir", "runs/a"), ("epochs", "3"))
     assert params["output_path"] == str(Path("runs/a/train.ipynb"))
     assert "the executed notebook: runs/a/train.ipynb" in capsys.readouterr().err
@@ -122,9 +124,13 @@ def test_other_failures_keep_the_notebook_and_say_where(papermill, tmp_path, cap
     err = capsys.readouterr().err  # a bug: papermill's report with its traceback, then where the notebook is
     assert "traceback" in err and err.rstrip().endswith(f"with this traceback: {Path('r/train.ipynb')}")
     papermill.fail = ("KeyboardInterrupt", "")  # Ctrl-C: the kernel gets it too
+    assert driver.main(["-p", "out_dir", "r"]) == 130  # in epoch 1: no last.pt yet
+    assert capsys.readouterr().err == ("\ninterrupted before the first epoch ended: there is nothing to continue "
+                                       "from yet; the same command starts the run again\n")
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["train.1.ipynb", "train.2.ipynb", "train.ipynb"]
+    (tmp_path / "r" / "last.pt").write_text("an epoch done")
     assert driver.main(["-p", "out_dir", "r"]) == 130
     assert capsys.readouterr().err == f"\ninterrupted; the same command continues the run from {Path('r/last.pt')}\n"
-    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["train.1.ipynb", "train.2.ipynb", "train.ipynb"]
 
 
 def test_sigterm_stops_like_ctrl_c(papermill, tmp_path, monkeypatch, capsys):
@@ -133,15 +139,17 @@ def test_sigterm_stops_like_ctrl_c(papermill, tmp_path, monkeypatch, capsys):
     import signal
     import time
 
-    def killed(ctx):
+    def killed(ctx, kernel_args):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler interrupts this
         pytest.fail("SIGTERM did not stop the run")
     monkeypatch.setattr(driver, "_invoke", killed)
     before = signal.getsignal(signal.SIGTERM)
     assert driver.main(["-p", "out_dir", "r"]) == 130
-    assert "interrupted; the same command continues the run from" in capsys.readouterr().err
+    assert "\ninterrupted before the first epoch ended" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is before  # put back
+    import logging
+    assert logging.root.manager.disable == logging.NOTSET  # the logs it silenced are back
 
 
 def test_an_out_dir_in_use_is_refused_before_anything_moves(papermill, tmp_path, capsys):
@@ -170,6 +178,34 @@ def test_offline_without_data_is_one_line_and_leaves_no_folders(tmp_path):
     assert last.startswith("error: data/cifar-10-batches-py: no such folder"), done.stderr
     assert "Traceback" not in done.stderr and "---------" not in done.stderr
     assert list(tmp_path.iterdir()) == []  # no runs/, no data/
+
+
+def test_ctrl_c_at_a_terminal_prints_one_line(data_dir, tmp_path):
+    # The real thing, kernel and all, as a terminal delivers Ctrl-C: SIGINT to the whole process
+    # group. It used to print ~20 lines of the kernel's ZMQError and papermill's banners first.
+    import signal
+    import time
+    command = [sys.executable, "-m", "s11lib.notebook", "-p", "data_dir", str(data_dir), "-p", "download", "False",
+               "-p", "width", "4", "-p", "epochs", "1", "-p", "batch_size", "16", "-p", "train_subset", "20000",
+               "-p", "val_size", "32", "-p", "test_subset", "32", "-p", "out_dir", "r"]
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err:
+        child = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "Epoch 1:" not in err_path.read_text():  # training has started
+            assert child.poll() is None and time.monotonic() < deadline, err_path.read_text()[-3000:]
+            time.sleep(0.2)
+        os.killpg(child.pid, signal.SIGINT)
+        assert child.wait(timeout=60) == 130
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    err = err_path.read_text()
+    assert "ZMQError" not in err and "IPKernelApp" not in err and "Input Notebook" not in err, err[-3000:]
+    assert "Kernel died" not in err and "Traceback" not in err, err[-3000:]
+    assert err.rstrip().splitlines()[-1] == ("interrupted before the first epoch ended: there is nothing to "
+                                             "continue from yet; the same command starts the run again")
 
 
 # --- the set-up both commands share ----------------------------------------------------------------
