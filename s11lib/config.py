@@ -176,8 +176,8 @@ def check_names(names) -> None:
     for name in unknown:
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
         hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    raise ValueError(f"unknown parameter {', '.join(hints)}; the parameters are listed by "
-                     "`python -m s11lib.run --help` and in s11lib/config.py")
+    raise ValueError(f"unknown parameter {', '.join(hints)}; the parameters are listed in s11lib/config.py "
+                     "and by `.venv/bin/python -m s11lib.run --help` (the environment scripts/train.sh makes)")
 
 
 # Papermill's Python translator starts the cell it injects with this line (papermill/translators.py);

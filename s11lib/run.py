@@ -51,7 +51,7 @@ from s11lib.utils.accuracy import confusion_matrix
 from s11lib.utils.gradcam import GradCAM, overlay, resolve_layer
 from s11lib.utils.misclassified import Mistakes, find_misclassified, mistake_titles, plot_image_grid
 from s11lib.utils.plot_metrics import plot_confusion, plot_curves
-from s11lib.utils.summary import model_summary
+from s11lib.utils.summary import epoch_table, model_summary
 from s11lib.utils.train_test import NonFiniteLossError, evaluate, format_eval, train_epoch
 
 OUTPUT_FILES = ("metrics.csv", "last.pt", "best.pt", "config.json", "misclassified.json", "misclassified.png",
@@ -352,7 +352,8 @@ def explain(model: nn.Module, data: Loaders, config: Config, device: torch.devic
     test_result, logits = evaluate(model, data.test, nn.CrossEntropyLoss(), device, None, keep_logits=True)
     labels = data.test.labels.cpu()
     preds = logits.argmax(1)
-    atomic.save_figure(plot_curves(rows), out_dir / "curves.png", dpi=90)
+    atomic.save_figure(plot_curves(rows, Warmup.of(config, len(data.train)), len(data.train)), out_dir / "curves.png",
+                       dpi=90)
     confusion = confusion_matrix(preds, labels, NUM_CLASSES)
     atomic.save_figure(plot_confusion(confusion, title=f"Confusion matrix, test set, epoch {best_epoch}"),
                        out_dir / "confusion.png", dpi=90)
@@ -442,7 +443,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown option {given}" + (f" (did you mean {close[0]}?)" if close else "")
                      if given.startswith("-") else f"unexpected argument {given!r}")
     try:
-        run(Config(**vars(args)))
+        result = run(Config(**vars(args)))
+        if result is not None:  # rank 0: the table train.ipynb ends with
+            print(epoch_table(result.rows))
     except ValueError as e:  # bad input: one line, no traceback
         return _fail(e, 2)
     except NonFiniteLossError as e:  # the run diverged; last.pt still holds the last good epoch

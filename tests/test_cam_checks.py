@@ -307,7 +307,10 @@ def test_constant_maps_are_left_out_and_counted(finished, mistakes):
     check = randomization_check(finished.model, inputs[:4], targets[:4], layers=("layer3",), explainer=blank_first)
     assert torch.isnan(check.correlations[0, :, 0]).all() and not torch.isnan(check.correlations[0, :, 1:]).any()
     torch.testing.assert_close(check.mean()[0], check.correlations[0, :, 1:].mean(1))
-    assert "constant maps (left out of the means): [[1, 1, 1, 1, 1, 1]]" in check.table()
+    table = check.table().splitlines()
+    at = table.index("images whose map is constant, left out of the means above (of 4; the same rows and columns):")
+    assert table[at + 1].split() == ["layer3", "1", "1", "1", "1", "1", "1"]  # one image, at every stage
+    assert len(table[at + 1]) == len(table[1]) - len("  verdict")  # under the header's stage columns
     nothing = randomization_check(finished.model, inputs[:1], targets[:1], layers=("layer3",), explainer=blank_first)
     assert not nothing.passed("layer3") and "undecided: no map that is not constant" in nothing.table()
     assert json.loads(json.dumps(nothing.to_dict()))["layers"]["layer3"]["mean_rank_correlation"] == [None] * 6

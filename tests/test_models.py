@@ -183,7 +183,7 @@ def test_an_unknown_init_is_refused():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_norms_keep_the_autocast_dtype_and_the_model_stays_close_to_fp32(dtype):
     # Autocast runs group_norm in fp32 and returns fp32: ReLU, the residual add and the next
-    # convolution's input cast would all move fp32 tensors. AutocastGroupNorm returns the autocast dtype.
+    # convolution's input cast would all move fp32 tensors. LayerNormCHW returns the autocast dtype.
     torch.manual_seed(0)
     model = resnet18(width=8, zero_init_residual=False).eval()  # zero-init would hide the branches' error
     x = torch.randn(4, 3, 32, 32)

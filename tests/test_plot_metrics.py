@@ -1,6 +1,7 @@
 """The curves figure draws what a run measured: each split it evaluated, the weight average's when it kept one."""
 import pytest
 
+from s11lib.optim import Warmup
 from s11lib.utils.plot_metrics import plot_curves
 
 
@@ -30,3 +31,15 @@ def test_curves_show_each_measured_split(val, ema, labels):
     test = next(line for line in acc.lines if line.get_label() == "test")
     assert list(test.get_ydata()) == [28.0, 56.0, 84.0]
     assert list(lr.lines[0].get_ydata()) == pytest.approx([0.1, 0.05, 0.1 / 3])
+
+
+def test_the_lr_panel_draws_the_warm_up_per_step():
+    # 4 steps an epoch, a 6-step ramp to 0.1: epoch 1's point is 0.1 * 4/6, the steps before it are not
+    # in metrics.csv at all; the per-step line shows them, from the first step's 0.1/6.
+    lr = plot_curves(_rows(True, False), Warmup(0.1, 6), steps_per_epoch=4).axes[2]
+    epochs, ramp = lr.lines
+    assert ramp.get_label() == "warm-up, per step (6 steps)"
+    assert list(ramp.get_xdata()) == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.25, 1.5])
+    assert list(ramp.get_ydata()) == pytest.approx([0.1 * k / 6 for k in range(1, 7)])
+    assert len(plot_curves(_rows(True, False), Warmup(0.1, 0), steps_per_epoch=4).axes[2].lines) == 1
+    assert len(plot_curves(_rows(True, False), Warmup(0.1, 100), steps_per_epoch=4).axes[2].lines[1].get_xdata()) == 12

@@ -188,6 +188,16 @@ def test_cli_reports_divergence_in_one_line(data_dir, tmp_path, monkeypatch, cap
     assert code == 1 and err == "error: non-finite loss at epoch 1, batch 3; lower lr or check the data\n"
 
 
+def test_the_cli_ends_with_the_notebooks_epoch_table(data_dir, tmp_path, capsys):
+    from s11lib.utils.summary import epoch_table
+    config = _config(data_dir, tmp_path, epochs=2)
+    assert run_module.main([f"--{k.replace('_', '-')}={v}" for k, v in config.to_dict().items()]) == 0
+    out = capsys.readouterr().out.rstrip()
+    table = epoch_table(read_metrics(tmp_path / "metrics.csv"))
+    assert out.endswith(table) and table.splitlines()[0].split()[:4] == ["epoch", "lr", "train", "loss"]
+    assert [line.split()[0] for line in table.splitlines()[1:]] == ["1", "2"]
+
+
 def test_a_finished_run_is_not_trained_again(data_dir, tmp_path, monkeypatch):
     first = run(_config(data_dir, tmp_path, epochs=1))
     checkpoints = {name: (tmp_path / name).read_bytes() for name in ("last.pt", "best.pt")}

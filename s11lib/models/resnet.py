@@ -30,8 +30,11 @@ NormLayer = Callable[[int], nn.Module]
 INITS = ("kaiming", "torch")
 
 
-class AutocastGroupNorm(nn.GroupNorm):
-    """nn.GroupNorm whose output keeps autocast's dtype.
+class LayerNormCHW(nn.GroupNorm):
+    """LayerNorm for conv nets: each sample normalised over (C, H, W), a scale and shift per channel.
+
+    nn.GroupNorm with one group (layer_norm builds it so), named for what it computes: the model
+    summary lists it as LayerNormCHW. Its output keeps autocast's dtype.
 
     Autocast runs group_norm in fp32 and returns fp32, so under bf16 or fp16 the ReLU, the
     residual add and the next convolution's input cast would all move fp32 tensors: twice the
@@ -51,7 +54,7 @@ class AutocastGroupNorm(nn.GroupNorm):
 
 def layer_norm(num_channels: int) -> nn.Module:
     """Per-sample normalisation over (C, H, W) with a per-channel affine (GroupNorm, 1 group)."""
-    return AutocastGroupNorm(1, num_channels)
+    return LayerNormCHW(1, num_channels)
 
 
 class BasicBlock(nn.Module):

@@ -155,7 +155,10 @@ class Randomization:
             lines.append(f"{layer:<8}{values}  {verdict}")
         blank = torch.isnan(self.correlations).sum(2)
         if blank.any():
-            lines.append(f"constant maps (left out of the means): {blank.tolist()}")
+            lines.append(f"images whose map is constant, left out of the means above (of "
+                         f"{self.correlations.shape[2]}; the same rows and columns):")
+            lines += [f"{layer:<8}" + "".join(f"{int(n):>9}" for n in blank[i].tolist())
+                      for i, layer in enumerate(self.layers)]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:

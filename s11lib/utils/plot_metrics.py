@@ -19,9 +19,13 @@ def _series(rows: list[dict], key: str) -> list[float]:
     return out
 
 
-def plot_curves(rows: list[dict]) -> Figure:
+def plot_curves(rows: list[dict], warmup=None, steps_per_epoch: int | None = None) -> Figure:
     """Three panels from metrics rows (as in metrics.csv): loss, accuracy (train/val/test, and the
-    weight average's val/test when the run kept one, dashed), and lr."""
+    weight average's val/test when the run kept one, dashed), and lr.
+
+    metrics.csv has one rate per epoch (its last step's); given the run's `warmup` (s11lib.optim.Warmup)
+    and `steps_per_epoch`, the lr panel also draws the warm-up's rate at every step, which the epochs'
+    points alone hide (a 2-epoch ramp is two points)."""
     epochs = [int(r["epoch"]) for r in rows]
     fig = Figure(figsize=(15, 4.2), layout="constrained")
     ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
@@ -35,8 +39,13 @@ def plot_curves(rows: list[dict]) -> Figure:
         ax_acc.plot(epochs, acc, style, ms=3, label=label)
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy per image")
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="%")
-    ax_lr.plot(epochs, _series(rows, "lr"), "-o", ms=3, color="tab:purple")
-    ax_lr.set(title="Learning rate the epoch trained with", xlabel="epoch", yscale="log")
+    ax_lr.plot(epochs, _series(rows, "lr"), "-o", ms=3, color="tab:purple", label="each epoch's last step")
+    if warmup is not None and warmup.steps and steps_per_epoch:
+        steps = range(min(warmup.steps, len(rows) * steps_per_epoch))
+        ax_lr.plot([(k + 1) / steps_per_epoch for k in steps], [warmup.lr(k) for k in steps], "-", lw=1,
+                   color="tab:orange", label=f"warm-up, per step ({warmup.steps} steps)")
+        ax_lr.legend()
+    ax_lr.set(title="Learning rate", xlabel="epoch", yscale="log")
     for ax in (ax_loss, ax_acc, ax_lr):
         _epoch_axis(ax)
     ax_loss.legend()

@@ -38,3 +38,20 @@ def model_summary(model: nn.Module, input_size=(3, 32, 32), device: torch.device
     out += ["=" * len(line), f"Total params: {total:,}", f"Trainable params: {trainable:,}",
             f"Non-trainable params: {total - trainable:,}", line]
     return "\n".join(out)
+
+
+def epoch_table(rows: list[dict]) -> str:
+    """metrics.csv as the run's closing table: a line per epoch with its rate, training loss and
+    accuracy, validation and test accuracy (and the weight average's, when the run kept one), seconds."""
+    averaged = rows[0]["ema_test_acc"] is not None if rows else False
+    lines = [f"{'epoch':>5} {'lr':>9} {'train loss':>10} {'train acc':>9} {'val acc':>8} {'test loss':>9} {'test acc':>8}"
+             + (f" {'avg val':>8} {'avg test':>8}" if averaged else "") + f" {'s':>7}"]
+    for r in rows:
+        val = f"{r['val_acc']:8.2f}" if r["val_acc"] is not None else f"{'-':>8}"
+        avg = ""
+        if averaged:
+            avg = (f" {r['ema_val_acc']:8.2f}" if r["ema_val_acc"] is not None else f" {'-':>8}") + \
+                f" {r['ema_test_acc']:8.2f}"
+        lines.append(f"{r['epoch']:>5} {r['lr']:>9.2e} {r['train_loss']:>10.4f} {r['train_acc']:>9.2f} {val} "
+                     f"{r['test_loss']:>9.4f} {r['test_acc']:>8.2f}{avg} {r['seconds']:>7.1f}")
+    return "\n".join(lines)
