@@ -224,6 +224,7 @@ case "$2" in
   "import s11lib") [ -e {tmp_path}/s11lib-imports ]; exit $?;;
   "import torch, torchvision") [ -e {tmp_path}/torch-imports ]; exit $?;;
   *"find_spec('torch')"*) [ -e {tmp_path}/torch-installed ]; exit $?;;
+  *"urlopen"*) [ -e {tmp_path}/index-reachable ]; exit $?;;
 esac
 exec {sys.executable} "$@"
 """)
@@ -237,7 +238,7 @@ exec {sys.executable} "$@"
                        timeout=120)
         return log.read_text().splitlines()[len(before):] if log.exists() else []
 
-    for name in ("s11lib-imports", "torch-imports", "torch-installed"):
+    for name in ("s11lib-imports", "torch-imports", "torch-installed", "index-reachable"):
         (tmp_path / name).write_text("")
     install = "-m pip install -q --disable-pip-version-check"
     assert setup() == [f"{install} -e ."]  # the first time
@@ -255,7 +256,19 @@ exec {sys.executable} "$@"
     assert setup(torch_index=index) == [f"{install} -e ."]  # torch is there already: the index is not asked
     (tmp_path / "torch-installed").unlink()
     (tmp_path / ".venv" / ".s11lib-installed").unlink()
-    assert setup(torch_index=index) == [f"{install} --index-url {index} torch torchvision", f"{install} -e ."]
+    assert setup(torch_index=index) == [f"{install} --retries 2 --timeout 30 --index-url {index} torch torchvision",
+                                        f"{install} -e ."]
+    # An index that cannot be reached stops the set-up in one line, before pip runs.
+    (tmp_path / "index-reachable").unlink()  # torch is still not installed: the stand-in says so
+    (tmp_path / ".venv" / ".s11lib-installed").unlink()
+    pip_calls = log.read_text()
+    with pytest.raises(subprocess.CalledProcessError) as e:
+        setup(torch_index=index)
+    assert e.value.stderr.decode().splitlines() == [
+        f"error: S11_TORCH_INDEX={index} cannot be reached from here; run without it to take PyPI's torch "
+        "(a CUDA build, which runs on the CPU too)"] and log.read_text() == pip_calls
+    (tmp_path / "torch-installed").write_text("")
+    assert setup() == [f"{install} -e ."]
     # torch and torchvision that do not import together stop the set-up, and no stamp is written.
     (tmp_path / "torch-imports").unlink()
     (tmp_path / ".venv" / ".s11lib-installed").unlink()
