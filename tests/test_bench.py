@@ -118,6 +118,19 @@ def test_the_gpu_report_refuses_a_width_that_channels_last_breaks_on_the_cpu(dat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_cpu_step_benchmark_runs_and_prints_its_table(capsys):
+    bench = _load("cpu_step")
+    assert bench.main(["--width", "16", "--batch-size", "2", "--steps", "1", "--repeats", "1",
+                       "--compile-backend", "eager"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "x |" in line]
+    assert [row.split(" | ")[:2] for row in rows] == [
+        ["| contiguous", "eager"], ["| channels_last", "eager"], ["| contiguous", "compiled"],
+        ["| channels_last", "compiled"]]
+    assert rows[0].endswith("| 1.00x |")
+    with pytest.raises(SystemExit):
+        bench.main(["--width", "8"])
+
+
 def test_the_heatmap_checks_benchmark_runs_and_prints_its_table(data_dir, capsys):
     bench = _load("cam_checks")
     assert bench.main(["--data-dir", str(data_dir), "--widths", "4", "--mistakes", "2", "--correct", "3",

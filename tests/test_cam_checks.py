@@ -96,9 +96,12 @@ def test_the_callers_model_is_left_alone(finished, mistakes):
     assert all(torch.equal(v, before[k]) for k, v in finished.model.state_dict().items())
 
 
-def test_sanity_correlations_fall_as_more_of_the_model_is_randomised(finished, mistakes, sanity):
+def test_sanity_correlations_fall_as_more_of_the_model_is_randomised(finished, mistakes, sanity, is_real_data):
     """On the short real run (28% right after 256 steps, so its maps are still close to its initial
     ones), averaged over three draws of the random weights so that no single draw decides."""
+    if not is_real_data:  # the thresholds are the real run's; a model of the synthetic set keeps
+        # 0.59-0.68 with layer4 alone random (measured 2026-12-01), and says nothing of Grad-CAM
+        pytest.skip("the correlation thresholds were measured on the real CIFAR-10: set S11_CIFAR10_DIR")
     inputs, targets, _ = mistakes
     draws = [sanity] + [randomization_check(finished.model, inputs, targets, seed=seed) for seed in (1, 2)]
     mean = torch.stack([d.mean() for d in draws]).mean(0)  # (layer, stage)
