@@ -125,6 +125,8 @@ def auto_precision(capability: tuple[int, int]) -> Precision:
 # 2.14.1 (oneDNN 3.12): hangs with 2 threads (the overflow lands on the kernel's own barrier),
 # segfaults with 1, or silently wrong weight gradients (tests/test_onednn.py). ResNet18's shortcuts
 # are such convolutions, with width, 2 x width and 4 x width input channels: width < 16 meets it.
+# Where it was found: resnet18(width=4), layer2.0.shortcut.0 = Conv2d(4, 8, 1, stride=2) on a batch
+# of (16, 4, 32, 32), its weight gradient in the second step (jit_1x1:avx2 backward_weights).
 # Contiguous (NCHW) tensors take another kernel and are safe.
 ONEDNN_NHWC_MIN_CHANNELS = 16  # the widest block (AVX-512); AVX2's is 8
 
