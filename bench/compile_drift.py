@@ -80,12 +80,13 @@ def main(argv=None) -> int:
         return 0
     print(f"ResNet18 width {args.width}, batch {BATCH}, {args.steps} steps; ONEDNN_MAX_CPU_ISA="
           f"{os.environ.get('ONEDNN_MAX_CPU_ISA', '(default)')}")
-    print("| seed | threads | trajectory: loss (rel) | params (abs) | per step: loss (rel) | params (abs) |\n|---|---|---|---|---|---|")
+    print("| seed | threads | trajectory: loss (rel) | params (abs) | per step: loss (rel) | params (abs) |\n"
+          "|---|---|---|---|---|---|")
     worst = {(k, m): 0.0 for k in ("trajectory", "per_step") for m in ("loss_rel", "param_abs")}
     for seed in map(int, args.seeds.split(",")):
         for threads in map(int, args.threads.split(",")):
-            done = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--width", str(args.width), "--child", str(seed),
-                                   str(threads)], capture_output=True, text=True, timeout=600)
+            done = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--width", str(args.width),
+                                   "--child", str(seed), str(threads)], capture_output=True, text=True, timeout=600)
             if done.returncode:
                 print(done.stderr[-2000:], file=sys.stderr)
                 return 1

@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     def interrupted() -> str:
         if (out_dir / "last.pt").is_file():
             return f"\ninterrupted; the same command continues the run from {out_dir / 'last.pt'}"
-        return "\ninterrupted before the first epoch ended: there is nothing to continue from yet; the same command starts the run again"
+        return ("\ninterrupted before the first epoch ended: there is nothing to continue from yet; "
+                "the same command starts the run again")
 
     def stop(signum, frame):
         # Ctrl-C, and `kill`, a job scheduler, `timeout`: shut the kernel down as Ctrl-C does. The

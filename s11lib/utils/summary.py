@@ -44,7 +44,8 @@ def epoch_table(rows: list[dict]) -> str:
     """metrics.csv as the run's closing table: a line per epoch with its rate, training loss and
     accuracy, validation and test accuracy (and the weight average's, when the run kept one), seconds."""
     averaged = rows[0]["ema_test_acc"] is not None if rows else False
-    lines = [f"{'epoch':>5} {'lr':>9} {'train loss':>10} {'train acc':>9} {'val acc':>8} {'test loss':>9} {'test acc':>8}"
+    lines = [f"{'epoch':>5} {'lr':>9} {'train loss':>10} {'train acc':>9} {'val acc':>8} {'test loss':>9} "
+             f"{'test acc':>8}"
              + (f" {'avg val':>8} {'avg test':>8}" if averaged else "") + f" {'s':>7}"]
     for r in rows:
         val = f"{r['val_acc']:8.2f}" if r["val_acc"] is not None else f"{'-':>8}"
