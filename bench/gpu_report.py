@@ -157,11 +157,30 @@ def group_norm_share(args, device, amp: str) -> tuple[float, str]:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         bench.epoch(2)
-    events = prof.key_averages()
-    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    total = sum(getattr(e, attr) for e in events)
-    norm = sum(getattr(e, attr) for e in events if "group_norm" in e.key)
-    return (100.0 * norm / total if total else 0.0), f"self {'CUDA' if device.type == 'cuda' else 'CPU'} time"
+    on_gpu = device.type == "cuda"
+    return group_norm_percent(prof.key_averages(), on_gpu), "CUDA kernel time" if on_gpu else "self CPU time"
+
+
+def group_norm_percent(events, on_gpu: bool) -> float:
+    """GroupNorm's percentage of a profile (`key_averages()` entries), forward and backward.
+
+    On a GPU, of the kernels' time. The profiler credits each kernel twice: to the kernel's own
+    device event and, as self device time, to the CPU op that launched it; so the total sums the
+    device events alone, as torch's own table does (profiler_util._build_table), without user
+    annotations (the `Optimizer.step` spans, which cover kernels already counted). GroupNorm's part
+    is the self device time of its ops (aten::native_group_norm and its backward): the time of the
+    kernels they launched, once. On the CPU, every op's self CPU time (each instant counted once).
+    """
+    from torch.autograd import DeviceType
+
+    if on_gpu:
+        total = sum(e.self_device_time_total for e in events
+                    if e.device_type != DeviceType.CPU and not e.is_user_annotation)
+        norm = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CPU and "group_norm" in e.key)
+    else:
+        total = sum(e.self_cpu_time_total for e in events)
+        norm = sum(e.self_cpu_time_total for e in events if "group_norm" in e.key)
+    return 100.0 * norm / total if total else 0.0
 
 
 def checkpoint_write(args, device, out_dir: Path) -> tuple[float, float]:

@@ -109,6 +109,28 @@ def test_the_gpu_report_runs_in_its_tiny_mode(data_dir, tmp_path, capsys):
     assert "last.pt: " in markdown and "standard pipeline" in markdown
 
 
+def test_the_group_norm_share_counts_each_kernel_once():
+    # A CUDA profile as key_averages() gives it: each kernel both as its own device event and as the
+    # self device time of the CPU op that launched it, and an Optimizer.step annotation spanning
+    # kernels already counted. GroupNorm ran 30 of the 100 us of kernels. Summing every entry said 10%.
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(key, device_type, us, annotation=False):
+        return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=us,
+                               self_cpu_time_total=5, is_user_annotation=annotation)
+    cpu, cuda = DeviceType.CPU, DeviceType.CUDA
+    events = [event("aten::native_group_norm", cpu, 20), event("aten::native_group_norm_backward", cpu, 10),
+              event("aten::group_norm", cpu, 0), event("aten::convolution", cpu, 70),
+              event("RowwiseMomentsCUDAKernel", cuda, 20), event("GammaBetaBackwardCUDAKernel", cuda, 10),
+              event("sm90_xmma_fprop_implicit_gemm", cuda, 70), event("Optimizer.step#SGD.step", cuda, 100, True)]
+    percent = _load("gpu_report").group_norm_percent
+    assert percent(events, on_gpu=True) == pytest.approx(30.0)
+    assert percent(events, on_gpu=False) == pytest.approx(100 * 15 / 40)  # self CPU time: 3 of 8 events
+    assert percent([], on_gpu=True) == 0.0
+
+
 def test_the_gpu_report_refuses_a_width_that_channels_last_breaks_on_the_cpu(data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         _load("gpu_report").main([str(tmp_path), "--data-dir", str(data_dir), "--device", "cpu", "--width", "8"])
