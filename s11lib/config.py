@@ -67,7 +67,7 @@ class Config:
     amp: str = "auto"  # "auto": bf16 from compute capability 8.0, fp16 + loss scaling on 7.x, else fp32;
     #                    "bf16", "fp16" or "off" force one, on any device (s11lib/device.py)
     compile: bool = False  # torch.compile the training model (compiles once per input shape; docs/benchmarks.md)
-    channels_last: bool = False  # NHWC memory layout for the convolutions (docs/benchmarks.md)
+    channels_last: bool = False  # NHWC weights for the convolutions; GroupNorm stays NCHW on CUDA (docs/benchmarks.md)
     # --- outputs ----------------------------------------------------------------------------
     out_dir: str = "runs/train"  # where metrics, checkpoints and figures go
     resume: bool = True  # out_dir holds last.pt: continue that run; False: start over (its files are replaced)

@@ -142,7 +142,10 @@ def _run(config: Config, ranks: Ranks, device: torch.device) -> RunResult | None
         raise ValueError(f"{data.train.num_images} training images are fewer than one batch of {config.batch_size}: "
                          "the ranks could not share it evenly; pass a smaller batch_size or more images")
     # channels_last: the weights alone are enough, each convolution then returns NHWC (and turns
-    # the 3-channel input itself). On the CPU, narrow models keep NCHW (s11lib/device.py, safe_layout).
+    # the 3-channel input itself). What it buys is not the whole network in NHWC: on CUDA, GroupNorm
+    # has no NHWC kernel and makes its input contiguous (aten's group_norm; pytorch#111824), so each
+    # convolution and norm convert the activations both ways, and only bench/gpu_report.py can say
+    # whether the convolutions gain more. On the CPU, narrow models keep NCHW (device.safe_layout).
     layout = safe_layout(model, device, config.channels_last, config.compile)
     model = model.to(device, memory_format=torch.channels_last if layout.channels_last else torch.contiguous_format)
     optimizer = make_optimizer(model, config, device)
