@@ -47,7 +47,7 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
 def make_optimizer(model: nn.Module, config: Config, device: torch.device) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum over `param_groups`, at the run's peak rate.
 
-    Fused where the device has the kernel (CUDA and, in torch 2.4 and later, the CPU), else foreach:
+    Fused where the device has the kernel (CUDA and the CPU, in the torch 2.5 and later s11lib needs), else foreach:
     one kernel over all parameters instead of one per tensor. The fused kernel also takes a
     GradScaler's scale and overflow flag as tensors, so an fp16 step needs no host read.
 

@@ -38,3 +38,16 @@ def test_ipywidgets_7_is_allowed_for_colab():
     conda = [line.strip()[2:] for line in (ROOT / "environment.yml").read_text().splitlines()
              if line.strip().startswith("- ipywidgets")]
     assert [str(Requirement(c).specifier) for c in conda] == [str(widgets.specifier)]
+
+
+def test_the_torch_floor_holds_for_every_shipped_option():
+    # compile=True with fused SGD on CUDA fails before torch 2.5 (PR #134546; pytorch#126585): the
+    # floor must exclude 2.4, in pyproject and in environment.yml alike.
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (torch_req,) = [Requirement(r) for r in project["dependencies"] if _name(r) == "torch"]
+    assert not torch_req.specifier.contains("2.4.1") and torch_req.specifier.contains("2.5.0")
+    conda = [line.strip()[2:] for line in (ROOT / "environment.yml").read_text().splitlines()
+             if line.strip().startswith("- pytorch")]
+    assert [str(Requirement(c.replace("pytorch", "torch")).specifier) for c in conda] == [str(torch_req.specifier)]
