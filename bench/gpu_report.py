@@ -46,7 +46,7 @@ from s11lib.optim import make_optimizer, make_scheduler
 from s11lib.transforms import train_transforms
 from s11lib.utils.train_test import train_epoch
 
-PRECISIONS = ("off", "bf16", "fp16")
+PRECISIONS = ("off", "tf32", "bf16", "fp16")  # tf32: measured only on CUDA 8.0 and above
 LAYOUTS = ("contiguous", "channels_last")
 MODES = ("eager", "compiled")
 CSV_COLUMNS = ("precision", "layout", "mode", "step_ms", "images_per_s", "compile_s", "syncs_per_step")
@@ -101,6 +101,7 @@ class Bench:
         torch.manual_seed(0)
         self.device, self.args = device, args
         self.precision = resolve_precision(amp, device)
+        self.precision.apply(device)  # fp32 rows are IEEE fp32, the tf32 row TF32
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         self.model = resnet18(width=args.width).to(device, memory_format=fmt)
         config = Config(batch_size=args.batch_size, lr=0.05)  # a small rate: the timing must not diverge
@@ -176,7 +177,8 @@ def group_norm_percent(events, on_gpu: bool) -> float:
     if on_gpu:
         total = sum(e.self_device_time_total for e in events
                     if e.device_type != DeviceType.CPU and not e.is_user_annotation)
-        norm = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CPU and "group_norm" in e.key)
+        norm = sum(e.self_device_time_total for e in events
+                   if e.device_type == DeviceType.CPU and "group_norm" in e.key)
     else:
         total = sum(e.self_cpu_time_total for e in events)
         norm = sum(e.self_cpu_time_total for e in events if "group_norm" in e.key)
@@ -205,6 +207,7 @@ def checkpoint_write(args, device, out_dir: Path) -> tuple[float, float]:
 def pipelines_ratio(args, device) -> dict:
     """One epoch (train + test) each way, after a warm-up epoch, on the same GPU (bench/pipelines.py)."""
     precision = resolve_precision("auto", device)
+    precision.apply(device)  # as a run does
     config = Config(lr=0.05, batch_size=args.batch_size, width=args.width)
     std_train, std_test = pipelines.standard_loaders(args.data_dir, args.train_images, args.test_images,
                                                      args.batch_size, args.workers, device)
@@ -269,8 +272,9 @@ def main(argv=None) -> int:
 
     rows = []
     modes = args.modes.split(",")
+    has_tf32 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
     for mode in modes:
-        for amp in PRECISIONS:
+        for amp in (p for p in PRECISIONS if p != "tf32" or has_tf32):
             for layout in LAYOUTS:
                 row = measure(args, device, amp, layout, mode)
                 rows.append(row)

@@ -196,6 +196,7 @@ def main(argv=None) -> int:
 
     device = resolve_device(args.device)
     precision = resolve_precision("auto", device)  # what a run on this device uses
+    precision.apply(device)
     config = Config(lr=args.lr, batch_size=args.batch_size, width=args.width)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "

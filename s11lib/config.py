@@ -65,7 +65,7 @@ class Config:
     init: str = "kaiming"  # conv weights: "kaiming" (He normal, fan_out) or "torch" (PyTorch's layer default)
     device: str = "auto"  # "auto" (cuda when there is one, else cpu), "cpu", "cuda", "cuda:1", ...
     amp: str = "auto"  # "auto": bf16 from compute capability 8.0, fp16 + loss scaling on 7.x, else fp32;
-    #                    "bf16", "fp16" or "off" force one, on any device (s11lib/device.py)
+    #                    "bf16", "fp16", "off" (IEEE fp32) force one anywhere; "tf32" on CUDA 8.0+ (device.py)
     compile: bool = False  # torch.compile the training model (compiles once per input shape; docs/benchmarks.md)
     channels_last: bool = False  # NHWC weights for the convolutions; GroupNorm stays NCHW on CUDA (docs/benchmarks.md)
     # --- outputs ----------------------------------------------------------------------------

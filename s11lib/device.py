@@ -12,6 +12,11 @@ and H100s (9.0), and on the CPU. Each gets the precision its hardware is fast at
 
 `amp="bf16"`, `"fp16"` and `"off"` force a choice, on any device: CPU autocast does both dtypes,
 so the CPU tests run the fp16 + GradScaler path that a T4 runs.
+
+**fp32 is IEEE fp32.** torch lets cuDNN run fp32 convolutions as TF32 (a 10-bit mantissa) by
+default on 8.0 and above, so an fp32 run there would not be what its log says. Every run sets
+TF32 itself (`Precision.apply`): off, except with `amp="tf32"`, which asks for it by name (CUDA
+8.0 and above only).
 """
 from __future__ import annotations
 
@@ -19,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-AMPS = ("auto", "bf16", "fp16", "off")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+AMPS = ("auto", "bf16", "fp16", "tf32", "off")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": None, "off": None}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,10 +83,17 @@ class Precision:
 
     dtype: torch.dtype | None
     reason: str
+    tf32: bool = False  # fp32 convolutions and matmuls as TF32 (CUDA 8.0+): only when asked by name
 
     @property
     def name(self) -> str:
-        return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[self.dtype]
+        return "tf32" if self.tf32 else {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[self.dtype]
+
+    def apply(self, device: torch.device) -> None:
+        """Set torch's TF32 switches for this precision (process-wide; they matter on CUDA only)."""
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = self.tf32
+            torch.backends.cudnn.allow_tf32 = self.tf32
 
     @property
     def scaled(self) -> bool:
@@ -100,6 +112,13 @@ def resolve_precision(amp: str, device: torch.device) -> Precision:
     """The precision of `amp` ("auto", "bf16", "fp16" or "off") on `device`; see the module docstring."""
     if amp not in AMPS:
         raise ValueError(f"amp must be one of {AMPS}, got {amp!r}")
+    if amp == "tf32":
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        if capability is None or capability[0] < 8:
+            where = "the CPU" if capability is None else f"compute capability {capability[0]}.{capability[1]}"
+            raise ValueError(f"amp='tf32' needs a CUDA GPU of compute capability 8.0 or above (TF32 tensor cores), "
+                             f"not {where}; use amp='off' for fp32")
+        return Precision(None, "amp='tf32': fp32 tensors, TF32 convolutions and matmuls", tf32=True)
     if amp != "auto":
         return Precision(DTYPES[amp], f"amp={amp!r}")
     if device.type != "cuda":

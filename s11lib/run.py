@@ -127,6 +127,7 @@ def run(config: Config) -> RunResult | None:
 
 def _run(config: Config, ranks: Ranks, device: torch.device) -> RunResult | None:
     precision = resolve_precision(config.amp, device)
+    precision.apply(device)  # TF32 on or off, as the precision says (torch's default would be on)
     if device.type == "cuda":
         # cuDNN times its convolution algorithms for each new shape once and keeps the fastest: a
         # run has three or four shapes (training, evaluation, their last batches).

@@ -36,8 +36,36 @@ def test_auto_is_fp32_on_the_cpu_and_explicit_values_hold_anywhere():
     fp16 = resolve_precision("fp16", CPU)
     assert fp16.dtype == torch.float16 and fp16.scaled and fp16.grad_scaler(CPU).is_enabled()
     assert not resolve_precision("bf16", CPU).grad_scaler(CPU).is_enabled()
-    with pytest.raises(ValueError, match=r"amp must be one of \('auto', 'bf16', 'fp16', 'off'\), got 'fp32'"):
+    with pytest.raises(ValueError, match=r"amp must be one of \('auto', 'bf16', 'fp16', 'tf32', 'off'\), got 'fp32'"):
         resolve_precision("fp32", CPU)
+
+
+def test_fp32_is_ieee_fp32_and_tf32_is_asked_for_by_name(monkeypatch):
+    # torch runs cuDNN's fp32 convolutions as TF32 by default on 8.0+: a run sets the switches itself.
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # as torch may start
+        for amp in ("off", "bf16", "fp16"):
+            precision = resolve_precision(amp, cuda)
+            assert not precision.tf32 and precision.name != "tf32"
+            precision.apply(cuda)
+            assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
+        tf32 = resolve_precision("tf32", cuda)
+        assert tf32.name == "tf32" and tf32.dtype is None and not tf32.scaled and "TF32" in str(tf32)
+        tf32.apply(cuda)
+        assert torch.backends.cudnn.allow_tf32 is True and torch.backends.cuda.matmul.allow_tf32 is True
+        resolve_precision("off", CPU).apply(CPU)  # the CPU has no TF32: nothing changes there
+        assert torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with pytest.raises(ValueError, match=r"^amp='tf32' needs a CUDA GPU of compute capability 8.0 or above "
+                                         r"\(TF32 tensor cores\), not compute capability 7.5; use amp='off'"):
+        resolve_precision("tf32", cuda)
+    with pytest.raises(ValueError, match="not the CPU"):
+        resolve_precision("tf32", CPU)
 
 
 @pytest.mark.parametrize("capability, arch_list, supported", [
