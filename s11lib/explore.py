@@ -30,7 +30,7 @@ from s11lib.config import Config
 from s11lib.constants import CLASSES, NUM_CLASSES
 from s11lib.loaders import DeviceLoader, load_cifar10
 from s11lib.models import resnet18
-from s11lib.device import resolve_device
+from s11lib.device import resolve_device, resolve_precision
 from s11lib.run import read_metrics
 from s11lib.transforms import test_transforms, to_float
 from s11lib.utils import atomic, cam_checks
@@ -115,7 +115,9 @@ def load_run(run_dir: str | Path, data_dir: str | Path | None = None, device: st
         images, labels = images[: config.test_subset], labels[: config.test_subset]
     # The run's batch size: the same computation as the run's own evaluation, so the same predictions.
     loader = DeviceLoader(images, labels, config.batch_size, test_transforms(), device=device_)
-    _, logits = evaluate(model, loader, nn.CrossEntropyLoss(), device_, keep_logits=True)
+    # At the run's precision on this device, as the run predicted (s11lib/run.py, explain).
+    amp_dtype = resolve_precision(config.amp, device_).dtype
+    _, logits = evaluate(model, loader, nn.CrossEntropyLoss(), device_, amp_dtype, keep_logits=True)
     stored = run_dir / "test_predictions.npy"
     if stored.is_file():
         saved = np.load(stored)

@@ -350,10 +350,15 @@ def _watched(config: Config, data: Loaders) -> str:
 
 def explain(model: nn.Module, data: Loaders, config: Config, device: torch.device, out_dir: Path,
             rows: list[dict], best_epoch: int) -> RunResult:
-    """Load best.pt, predict the test set, and write the mistakes, their Grad-CAM and the figures."""
+    """Load best.pt, predict the test set, and write the mistakes, their Grad-CAM and the figures.
+
+    The predictions are made at the run's precision, as its epochs were evaluated: one accuracy per
+    checkpoint in metrics.csv, misclassified.json and a sweep's summary.csv (under bf16 an fp32 pass
+    would flip the images near a tie). Grad-CAM runs in fp32."""
     best_path = out_dir / checkpoint.BEST
     checkpoint.load_model_state(model, checkpoint.load_checkpoint(best_path, map_location=device), best_path)
-    test_result, logits = evaluate(model, data.test, nn.CrossEntropyLoss(), device, None, keep_logits=True)
+    amp_dtype = resolve_precision(config.amp, device).dtype
+    test_result, logits = evaluate(model, data.test, nn.CrossEntropyLoss(), device, amp_dtype, keep_logits=True)
     labels = data.test.labels.cpu()
     preds = logits.argmax(1)
     atomic.save_figure(plot_curves(rows, Warmup.of(config, len(data.train)), len(data.train)), out_dir / "curves.png",

@@ -340,3 +340,23 @@ def test_a_step_the_scaler_skips_is_no_error():
     assert scaler.get_scale() == 2.0 ** 36  # all four steps skipped, the scale halved each time
     assert torch.isfinite(result.step_losses).all() and result.total == 64
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters()))
+
+
+def test_one_accuracy_per_checkpoint_at_the_runs_precision(data_dir, is_real_data, tmp_path):
+    # bf16 on the CPU, as a GPU from 8.0 runs: the epochs are evaluated under autocast, and so must
+    # best.pt's predictions be, or misclassified.json and test_predictions.npy disagree with
+    # metrics.csv about the same weights (an fp32 pass flips the images near a tie).
+    import json
+
+    from s11lib.loaders import load_cifar10
+    config = Config(data_dir=str(data_dir), out_dir=str(tmp_path), download=False, device="cpu", amp="bf16", width=8,
+                    epochs=2, batch_size=64, train_subset=512, val_size=64, progress=False, num_misclassified=5,
+                    warmup_min_steps=0, test_subset=1000 if is_real_data else None)  # real: 16.8% in fp32, 17.0 in bf16
+    result = run(config)
+    best = next(r for r in read_metrics(tmp_path / "metrics.csv") if r["epoch"] == result.best_epoch)
+    saved = json.loads((tmp_path / "misclassified.json").read_text())
+    predictions = np.load(tmp_path / "test_predictions.npy")
+    _, test_labels = load_cifar10(data_dir, train=False, download=False)
+    right = 100 * (predictions == test_labels[:len(predictions)].numpy()).mean()
+    assert saved["test_accuracy"] == pytest.approx(best["test_acc"], abs=1e-4)
+    assert right == pytest.approx(best["test_acc"], abs=1e-4)
