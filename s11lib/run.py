@@ -184,7 +184,7 @@ def _run(config: Config, ranks: Ranks, device: torch.device) -> RunResult | None
                                                    config, device, precision, out_dir, resumed, ranks)
         if not ranks.is_main:
             return None
-        result = explain(model, data, config, device, out_dir, rows, best_epoch)
+        result = explain(model, data, config, device, out_dir, rows, best_epoch, precision)
         result.step_losses = step_losses
         return result
 
@@ -349,7 +349,7 @@ def _watched(config: Config, data: Loaders) -> str:
 
 
 def explain(model: nn.Module, data: Loaders, config: Config, device: torch.device, out_dir: Path,
-            rows: list[dict], best_epoch: int) -> RunResult:
+            rows: list[dict], best_epoch: int, precision: Precision) -> RunResult:
     """Load best.pt, predict the test set, and write the mistakes, their Grad-CAM and the figures.
 
     The predictions are made at the run's precision, as its epochs were evaluated: one accuracy per
@@ -357,8 +357,8 @@ def explain(model: nn.Module, data: Loaders, config: Config, device: torch.devic
     would flip the images near a tie). Grad-CAM runs in fp32."""
     best_path = out_dir / checkpoint.BEST
     checkpoint.load_model_state(model, checkpoint.load_checkpoint(best_path, map_location=device), best_path)
-    amp_dtype = resolve_precision(config.amp, device).dtype
-    test_result, logits = evaluate(model, data.test, nn.CrossEntropyLoss(), device, amp_dtype, keep_logits=True)
+    test_result, logits = evaluate(model, data.test, nn.CrossEntropyLoss(), device, precision.dtype,
+                                   keep_logits=True)
     labels = data.test.labels.cpu()
     preds = logits.argmax(1)
     atomic.save_figure(plot_curves(rows, Warmup.of(config, len(data.train)), len(data.train)), out_dir / "curves.png",
