@@ -51,7 +51,7 @@ import torch
 
 from s11lib.config import Config
 from s11lib.run import run
-from s11lib.utils.train_test import NonFiniteLossError
+from s11lib.utils.train_test import DivergedError
 
 SPIKE_WINDOW, SPIKE_RATIO = 20, 1.25
 COLLAPSE_ACC, COLLAPSE_SHARE = 15.0, 0.6
@@ -155,7 +155,7 @@ def train_one(config: Config) -> dict:
     try:
         with contextlib.redirect_stdout(log):
             result = run(config)
-    except NonFiniteLossError as e:
+    except DivergedError as e:  # NaN, inf or a finite blow-up
         return {"diverged": str(e), "seconds": round(time.perf_counter() - start, 1)}
     last = result.rows[-1]
     share = float(np.bincount(result.test_predictions, minlength=10).max() / len(result.test_predictions))

@@ -49,14 +49,14 @@ from s11lib.checkpoint import CheckpointError
 from s11lib.config import Config, field_names
 from s11lib.loaders import DatasetError
 from s11lib.utils import atomic
-from s11lib.utils.train_test import NonFiniteLossError
+from s11lib.utils.train_test import DivergedError, NonFiniteLossError
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "train.ipynb"
 PROG = "bash scripts/train.sh"
 # The kernel reports an exception by its class name. s11lib raises ValueError and its subclasses
 # for every bad input (README, "What happens when things go wrong"), as the CLI assumes too.
 BAD_INPUT = tuple(error.__name__ for error in (ValueError, DatasetError, CheckpointError))
-DIVERGED = (NonFiniteLossError.__name__,)
+DIVERGED = (DivergedError.__name__, NonFiniteLossError.__name__)
 # The ipykernel's own log goes to the terminal, not into the notebook: a warning about TCP at every
 # start, and on Ctrl-C about 20 lines of ZMQError as papermill closes the sockets under a reply.
 # Errors of the notebook's code still reach the terminal (through the notebook's outputs), and a

@@ -52,7 +52,7 @@ from s11lib.utils.gradcam import GradCAM, overlay, resolve_layer
 from s11lib.utils.misclassified import Mistakes, find_misclassified, mistake_titles, plot_image_grid
 from s11lib.utils.plot_metrics import plot_confusion, plot_curves
 from s11lib.utils.summary import epoch_table, model_summary
-from s11lib.utils.train_test import NonFiniteLossError, evaluate, format_eval, train_epoch
+from s11lib.utils.train_test import DivergedError, check_not_diverged, evaluate, format_eval, train_epoch
 
 OUTPUT_FILES = ("metrics.csv", "last.pt", "best.pt", "config.json", "misclassified.json", "misclassified.png",
                 "gradcam.png", "gradcam.npz", "curves.png", "confusion.png", "test_predictions.npy")
@@ -281,6 +281,7 @@ def _train(model, data: Loaders, optimizer, scheduler, scaler, warmup: Warmup, a
                             None if after_warmup else warm_up, config.progress and ranks.is_main,
                             average.update if average else None, scaler, reduce)
         step_losses.append(train.step_losses)
+        check_not_diverged(train.loss, epoch, NUM_CLASSES)  # before anything of this epoch is written
         val, _ = evaluate_on(step_model, data.val) if data.val else (None, None)
         test, _ = evaluate_on(step_model, data.test)
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],  # the LR this epoch trained with
@@ -457,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             print(epoch_table(result.rows))
     except ValueError as e:  # bad input: one line, no traceback
         return _fail(e, 2)
-    except NonFiniteLossError as e:  # the run diverged; last.pt still holds the last good epoch
+    except DivergedError as e:  # last.pt still holds the last good epoch
         return _fail(e, 1)
     return 0
 

@@ -20,6 +20,7 @@ from s11lib.checkpoint import CheckpointError
 from s11lib.config import Config
 from s11lib.run import OUTPUT_FILES, read_metrics, run
 from s11lib.utils import atomic
+from s11lib.utils.train_test import DivergedError, NonFiniteLossError
 
 CRASH = Path(__file__).with_name("crash.py")
 # 128 training images in batches of 32: 4 steps per epoch, 3 epochs (~5 s a run on 2 CPU cores). No
@@ -170,7 +171,7 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(data_dir, tmp_path, monk
         return real_train_epoch(model, loader, optimizer, loss, epoch, *args, **kwargs)
 
     monkeypatch.setattr(run_module, "train_epoch", diverges_in_epoch_3)
-    with pytest.raises(run_module.NonFiniteLossError, match="^non-finite loss at epoch 3, batch 2; lower lr") as e:
+    with pytest.raises(NonFiniteLossError, match="^non-finite loss at epoch 3, batch 2; lower lr") as e:
         run(_config(data_dir, tmp_path, epochs=3))
     assert "\n" not in str(e.value)
     assert (tmp_path / "last.pt").read_bytes() == good  # the last good epoch, untouched
@@ -178,9 +179,35 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(data_dir, tmp_path, monk
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_a_finite_blow_up_stops_the_run_and_keeps_the_last_good_epoch(data_dir, tmp_path, monkeypatch):
+    """The reference run's failure (results/cpu-reference/): the weights grew by orders of
+    magnitude and the loss reached 5e5 but stayed finite. The run must stop the way a NaN stops
+    it, before the epoch's checkpoint, and resume from the epoch before."""
+    run(_config(data_dir, tmp_path, epochs=2))
+    good = (tmp_path / "last.pt").read_bytes()
+    real_train_epoch = run_module.train_epoch
+    factors = {3: 1e5}  # epoch 3's loss, as run sees it, times this; each step still trains for real
+
+    def blows_up_in_epoch_3(model, loader, optimizer, criterion, epoch, *args, **kwargs):
+        result = real_train_epoch(model, loader, optimizer, criterion, epoch, *args, **kwargs)
+        result.loss *= factors.get(epoch, 1.0)
+        return result
+
+    monkeypatch.setattr(run_module, "train_epoch", blows_up_in_epoch_3)
+    with pytest.raises(DivergedError, match=r"^training diverged at epoch 3: its mean loss 2\.\d+e\+05 is over "
+                       r"10 times a uniform guess's \(2\.30\); lower lr$") as e:
+        run(_config(data_dir, tmp_path, epochs=3))
+    assert not isinstance(e.value, NonFiniteLossError)
+    assert (tmp_path / "last.pt").read_bytes() == good
+    assert [r["epoch"] for r in read_metrics(tmp_path / "metrics.csv")] == [1, 2]
+    del factors[3]  # the same command again, once whatever blew up is mended: epoch 3 from last.pt
+    result = run(_config(data_dir, tmp_path, epochs=3))
+    assert [r["epoch"] for r in result.rows] == [1, 2, 3]
+
+
 def test_cli_reports_divergence_in_one_line(data_dir, tmp_path, monkeypatch, capsys):
     def diverges(*args, **kwargs):
-        raise run_module.NonFiniteLossError("non-finite loss at epoch 1, batch 3; lower lr or check the data")
+        raise NonFiniteLossError("non-finite loss at epoch 1, batch 3; lower lr or check the data")
     monkeypatch.setattr(run_module, "train_epoch", diverges)
     config = _config(data_dir, tmp_path)
     code = run_module.main([f"--{k.replace('_', '-')}={v}" for k, v in config.to_dict().items()])

@@ -6,6 +6,7 @@ gradcam.npz holding best.pt's Grad-CAM for its own predictions."""
 import copy
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -19,7 +20,8 @@ from s11lib.optim import make_optimizer
 from s11lib.run import read_metrics, run
 from s11lib.transforms import test_transforms, train_transforms
 from s11lib.utils.gradcam import GradCAM
-from s11lib.utils.train_test import NonFiniteLossError, evaluate, train_epoch
+from s11lib.utils.train_test import (DIVERGED_FACTOR, DivergedError, NonFiniteLossError, check_not_diverged, evaluate,
+                                     train_epoch)
 
 
 def _tiny_setup(n=64, batch=16):
@@ -89,6 +91,19 @@ def test_non_finite_loss_names_epoch_and_batch():
                     torch.optim.SGD(model.parameters(), lr=0.01), explodes_on_third_batch, 7, torch.device("cpu"),
                     progress=False)
 
+
+
+def test_a_finite_blow_up_is_a_divergence_at_ten_times_a_uniform_guess():
+    chance = math.log(10)
+    check_not_diverged(DIVERGED_FACTOR * chance * (1 - 1e-9), 4, 10)  # at the bound: trains on
+    check_not_diverged(2.0, 4, 10)
+    with pytest.raises(DivergedError, match=r"^training diverged at epoch 4: its mean loss 5\.466e\+05 is over 10 "
+                       r"times a uniform guess's \(2\.30\); lower lr$"):
+        check_not_diverged(546572.3, 4, 10)  # the reference run's epoch 4
+    with pytest.raises(DivergedError, match="diverged at epoch 2"):
+        check_not_diverged(DIVERGED_FACTOR * math.log(100) * 1.001, 2, 100)  # the bound follows the classes
+    check_not_diverged(DIVERGED_FACTOR * math.log(10) * 1.5, 2, 100)
+    assert issubclass(NonFiniteLossError, DivergedError)  # what catches one catches both
 
 def _quick(data_dir, out_dir, **overrides) -> Config:
     values = dict(device="cpu", data_dir=str(data_dir), out_dir=str(out_dir), download=False, width=4, epochs=2,

@@ -119,6 +119,9 @@ def test_other_failures_keep_the_notebook_and_say_where(papermill, tmp_path, cap
     err = capsys.readouterr().err
     assert err == f"error: non-finite loss at epoch 3, batch 7; lower lr (the executed notebook: " \
                   f"{Path('r/train.ipynb')})\n"
+    papermill.fail = ("DivergedError", "training diverged at epoch 4: its mean loss 5.466e+05 is over 10 times ...")
+    assert driver.main(["-p", "out_dir", "r"]) == 1  # a finite blow-up: the same one line
+    assert capsys.readouterr().err.startswith("error: training diverged at epoch 4: its mean loss 5.466e+05")
     papermill.fail = ("RuntimeError", "a bug")
     assert driver.main(["-p", "out_dir", "r"]) == 1
     err = capsys.readouterr().err  # a bug: papermill's report with its traceback, then where the notebook is
@@ -127,7 +130,8 @@ def test_other_failures_keep_the_notebook_and_say_where(papermill, tmp_path, cap
     assert driver.main(["-p", "out_dir", "r"]) == 130  # in epoch 1: no last.pt yet
     assert capsys.readouterr().err == ("\ninterrupted before the first epoch ended: there is nothing to continue "
                                        "from yet; the same command starts the run again\n")
-    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["train.1.ipynb", "train.2.ipynb", "train.ipynb"]
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["train.1.ipynb", "train.2.ipynb", "train.3.ipynb",
+                                                                "train.ipynb"]
     (tmp_path / "r" / "last.pt").write_text("an epoch done")
     assert driver.main(["-p", "out_dir", "r"]) == 130
     assert capsys.readouterr().err == f"\ninterrupted; the same command continues the run from {Path('r/last.pt')}\n"

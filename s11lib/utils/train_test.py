@@ -8,6 +8,7 @@ flag as device tensors, so the step needs no host read either (s11lib/optim.py).
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -19,8 +20,20 @@ from tqdm import tqdm
 from s11lib.utils.accuracy import correct_count
 
 
-class NonFiniteLossError(RuntimeError):
+class DivergedError(RuntimeError):
+    """Training diverged: its loss blew up (see `check_not_diverged`) or became NaN or infinite."""
+
+
+class NonFiniteLossError(DivergedError):
     """Training produced a NaN or infinite loss."""
+
+
+# An epoch whose mean training loss is this many times a uniform guess's (ln of the class count:
+# 2.30 for CIFAR-10) has diverged. An untrained network sits near 1 times; in docs/recipe.md the
+# steepest early climb that a run came back from peaked at 5.4 times in one step (12.45), and the
+# worst epoch of the old defaults, 6 times (a loss of 14). The reference run that blew up at a
+# finite loss (results/cpu-reference/) reached 237,000 times its epoch.
+DIVERGED_FACTOR = 10.0
 
 
 @dataclass
@@ -127,6 +140,16 @@ def _check_finite(step_sums: torch.Tensor, epoch: int) -> None:
     if not finite.all():
         bad = int((~finite).nonzero()[0])
         raise NonFiniteLossError(f"non-finite loss at epoch {epoch}, batch {bad + 1}; lower lr or check the data")
+
+
+def check_not_diverged(loss: float, epoch: int, num_classes: int) -> None:
+    """Raise DivergedError when an epoch's mean training `loss` is over DIVERGED_FACTOR times a
+    uniform guess's. A blow-up need not reach inf: weights that grow by orders of magnitude give
+    a huge but finite loss and a network that calls every image one class."""
+    chance = math.log(num_classes)
+    if loss > DIVERGED_FACTOR * chance:
+        raise DivergedError(f"training diverged at epoch {epoch}: its mean loss {loss:.4g} is over "
+                            f"{DIVERGED_FACTOR:g} times a uniform guess's ({chance:.2f}); lower lr")
 
 
 @torch.no_grad()
