@@ -45,7 +45,7 @@ class Config:
     # --- optimisation -----------------------------------------------------------------------
     epochs: int = 40  # passes over the training set
     batch_size: int = 512  # images per step (evaluation uses the same)
-    lr: float = 0.8  # peak SGD rate for a batch of 512 (docs/recipe.md); the run uses lr * batch_size / 512 (peak_lr)
+    lr: float = 0.4  # peak SGD rate for a batch of 512 (docs/recipe.md); the run uses lr * batch_size / 512 (peak_lr)
     momentum: float = 0.9  # Nesterov momentum
     weight_decay: float = 5e-4  # L2 on the convolution and linear weights
     decay_norm_and_bias: bool = False  # also decay norm scales and shifts and biases (timm and torchvision don't)
