@@ -186,7 +186,8 @@ def group_norm_percent(events, on_gpu: bool) -> float:
 
 
 def checkpoint_write(args, device, out_dir: Path) -> tuple[float, float]:
-    """Seconds and MB to write a full last.pt (model, fused SGD state, scaler, RNGs), as each epoch does."""
+    """Seconds and MB to write a full last.pt (model, fused SGD state, scaler, RNGs) inline: what each
+    epoch hands to the background writer (bench/checkpoint_overlap.py measures the overlap)."""
     model = resnet18(width=args.width).to(device)
     config = Config(batch_size=args.batch_size)
     optimizer = make_optimizer(model, config, device)

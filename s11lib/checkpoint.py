@@ -12,7 +12,12 @@ as if it had never stopped; on the CPU the result is bit for bit that of an unin
 continuing); in a run with a weight average (`ema_decay`), the average's weights, which last.pt
 keeps under "ema" beside the raw ones. The epoch loop writes last.pt, then best.pt, then
 metrics.csv, each atomically, so a crash between two of them leaves either files that agree or a
-best.pt one epoch behind last.pt, which `repair_best` rewrites from last.pt. In a data-parallel run
+best.pt one epoch behind last.pt, which `repair_best` rewrites from last.pt. The three are written
+by a background thread while the next epoch trains (`last_state` copies what they hold to host
+memory first, so training cannot change it mid-write; one epoch's writes are in flight at a time,
+and the run waits for them before the next epoch's and before it ends). A crash at any moment
+therefore leaves the last epoch whose writes completed, at worst one epoch less than when the
+writes blocked training. In a data-parallel run
 rank 0 alone writes them, and alone reads them back (s11lib/distributed.py).
 
 Every checkpoint is read with `torch.load(..., weights_only=True)`: tensors, numbers, strings and
@@ -21,6 +26,7 @@ with other settings is a one-line `CheckpointError`.
 """
 from __future__ import annotations
 
+import copy
 import os
 import random
 from dataclasses import dataclass
@@ -71,17 +77,39 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_last(path: Path, model: nn.Module, optimizer, scheduler, scaler, average, epoch: int, config: Config,
-              history: list[dict], best_epoch: int, best_value: float, best_metric: str,
-              device: torch.device) -> dict:
-    """Write last.pt (atomically) and return what was written. `scaler`: the GradScaler (its state
-    is empty when disabled); `average`: the WeightAverage, or None."""
+def last_state(model: nn.Module, optimizer, scheduler, scaler, average, epoch: int, config: Config,
+               history: list[dict], best_epoch: int, best_value: float, best_metric: str,
+               device: torch.device) -> dict:
+    """What last.pt holds, as a copy in host memory that nothing the run does later can change.
+    `scaler`: the GradScaler (its state is empty when disabled); `average`: the WeightAverage, or None.
+
+    A state_dict's tensors are the parameters and momentum buffers themselves, which the next
+    epoch updates in place: each is copied (from a GPU, to the CPU), so that a background write
+    stores this epoch's values, whole."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict(), "ema": average.state_dict() if average is not None else None,
              "epoch": epoch,
              "config": config.to_dict(), "metrics": dict(history[-1]),
              "history": [dict(row) for row in history],
              "best": {"epoch": best_epoch, "value": best_value, "metric": best_metric}, "rng": rng_state(device)}
+    return to_host(state)
+
+
+def to_host(obj):
+    """`obj` with every tensor copied to the CPU (detached, never aliased) and every container rebuilt;
+    other values are kept as they are (numbers and strings cannot change)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: to_host(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(value) for value in obj)
+    return copy.deepcopy(obj)
+
+
+def save_last(path: Path, *args, **kwargs) -> dict:
+    """Write last.pt (atomically) now and return what was written; the arguments are `last_state`'s."""
+    state = last_state(*args, **kwargs)
     atomic.save_torch(state, path)
     return state
 

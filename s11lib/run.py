@@ -179,9 +179,12 @@ def _run(config: Config, ranks: Ranks, device: torch.device) -> RunResult | None
               f"/ {LR_REFERENCE_BATCH}), "
               f"warm-up {warmup.steps} steps, then ReduceLROnPlateau on {_watched(config, data)}")
         sys.stdout.flush()  # before the progress bars on stderr: a notebook then shows the two in order
-        with _inductor_options(layout.compile_options() if config.compile else {}):
+        # The checkpoints are written while the next epoch trains; leaving the block waits for the
+        # last epoch's (a run that fails waits too, so its last whole epoch is kept).
+        with _inductor_options(layout.compile_options() if config.compile else {}), \
+                atomic.BackgroundWriter("s11lib-checkpoints") as writer:
             rows, best_epoch, step_losses = _train(model, data, optimizer, scheduler, scaler, warmup, average,
-                                                   config, device, precision, out_dir, resumed, ranks)
+                                                   config, device, precision, out_dir, resumed, writer, ranks)
         if not ranks.is_main:
             return None
         result = explain(model, data, config, device, out_dir, rows, best_epoch, precision)
@@ -221,7 +224,8 @@ def _claim(out_dir: Path, config: Config, resumed: checkpoint.ResumePoint | None
 
 def _train(model, data: Loaders, optimizer, scheduler, scaler, warmup: Warmup, average: WeightAverage | None,
            config: Config, device, precision: Precision, out_dir: Path,
-           resumed: checkpoint.ResumePoint | None, ranks: Ranks = Ranks()) -> tuple[list[dict], int, torch.Tensor]:
+           resumed: checkpoint.ResumePoint | None, writer: atomic.BackgroundWriter,
+           ranks: Ranks = Ranks()) -> tuple[list[dict], int, torch.Tensor]:
     """The epoch loop, from the first epoch or from where `resumed` stopped.
 
     With a weight average, both the weights and their average are evaluated each epoch. The
@@ -237,6 +241,9 @@ def _train(model, data: Loaders, optimizer, scheduler, scaler, warmup: Warmup, a
     advice: compile the inner module), each rank on its share of every batch; evaluation runs the
     wrapper itself on each rank's share, and every figure is summed over the ranks before it is
     used, so all ranks take the same decisions. Rank 0 alone writes.
+
+    Each epoch's files go to `writer` (a background thread) as a host copy of their state, and are
+    written while the next epoch trains; `submit` waits for the previous epoch's first.
 
     Returns the metrics rows, the best epoch and the loss of every step this call took."""
     amp_dtype = precision.dtype
@@ -309,17 +316,23 @@ def _train(model, data: Loaders, optimizer, scheduler, scaler, warmup: Warmup, a
         if improved:
             best_epoch, best_acc = epoch, row[select_on]
         if ranks.is_main:
-            # last.pt first: it alone decides where a resumed run starts (see s11lib/checkpoint.py).
-            last = checkpoint.save_last(out_dir / checkpoint.LAST, model, optimizer, scheduler, scaler, average,
-                                        epoch, config, rows, best_epoch, best_acc, select_on, device)
-            if improved:
-                checkpoint.save_best(out_dir / checkpoint.BEST, last)
-            # The epoch's wall time, its checkpoint writes included (last.pt, written before the time
-            # was known, keeps the figure without them until the next epoch's last.pt).
+            # The epoch's wall time up to its hand-over to the writer; a write still running when
+            # the next epoch ends (slower than an epoch) is waited for there, and counted there.
             row["seconds"] = round(time.perf_counter() - start, 3)
-            write_metrics(rows, out_dir / "metrics.csv")
+            last = checkpoint.last_state(model, optimizer, scheduler, scaler, average, epoch, config, rows,
+                                         best_epoch, best_acc, select_on, device)
+            writer.submit(write_epoch_files, out_dir, last, improved, [dict(r) for r in rows])
     print(f"best checkpoint: epoch {best_epoch} ({select_on} {best_acc:.2f}%)")
     return rows, best_epoch, torch.cat(step_losses) if step_losses else torch.zeros(0)
+
+
+def write_epoch_files(out_dir: Path, last: dict, improved: bool, rows: list[dict]) -> None:
+    """An epoch's files, on the writer's thread: last.pt first, since it alone decides where a
+    resumed run starts, then best.pt if the epoch improved, then metrics.csv (s11lib/checkpoint.py)."""
+    atomic.save_torch(last, out_dir / checkpoint.LAST)
+    if improved:
+        checkpoint.save_best(out_dir / checkpoint.BEST, last)
+    write_metrics(rows, out_dir / "metrics.csv")
 
 
 def kept_model_prefix(config: Config) -> str:
@@ -329,8 +342,9 @@ def kept_model_prefix(config: Config) -> str:
 
 
 def _with_written_seconds(rows: list[dict], path: Path) -> list[dict]:
-    """last.pt's rows, each epoch's `seconds` taken from metrics.csv where it has the epoch: only
-    there does the last epoch's figure include the writing of last.pt itself."""
+    """last.pt's rows, each epoch's `seconds` taken from metrics.csv where it has the epoch. Today
+    the two agree (an epoch's time ends when its files are handed to the writer); a run begun by
+    s11lib before the background writer counted the inline writes in metrics.csv alone."""
     try:
         written = {row["epoch"]: row["seconds"] for row in read_metrics(path)}
     except (OSError, ValueError, KeyError):  # missing or torn: keep last.pt's figures

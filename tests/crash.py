@@ -1,11 +1,16 @@
 """A child process that SIGKILLs itself at a chosen moment, for the crash tests.
 
-    python tests/crash.py run CONFIG_JSON [--kill-after-step N] [--kill-writing NAME:NTH:BYTES]
+    python tests/crash.py run CONFIG_JSON [--kill-after-step N] [--kill-writing NAME:NTH:BYTES [--steps-meanwhile K]]
     python tests/crash.py write FOLDER BYTES
 
 `run` calls s11lib.run.run(Config(**CONFIG_JSON)) and kills the process
-  * after the Nth optimizer step of this process (mid-epoch: nothing of that epoch is saved), or
-  * during the NTH atomic write of the file NAME, once BYTES bytes of it have reached the disk.
+  * after the Nth optimizer step of this process (mid-epoch: nothing of that epoch is saved), once
+    the checkpoint writes in flight on the background writer are done, so that where it dies does
+    not depend on how fast the disk is; or
+  * during the NTH atomic write of the file NAME, once BYTES bytes of it have reached the disk;
+    with --steps-meanwhile K, the writer's thread holds there until training has taken K more
+    optimizer steps, and dies then: a kill during a background write while the next epoch trains.
+    If those steps never come (the write blocked training), it exits with NO_OVERLAP instead.
 `write` forks a process per kind of file s11lib writes (KINDS); each writes FOLDER/KIND/f.KIND
 with s11lib's atomic writers, then a bigger version of it, and is killed after BYTES bytes of
 that. It prints {kind: the signal that ended its process} as JSON.
@@ -22,26 +27,75 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 _real_fdopen = os.fdopen
+
+
+NO_OVERLAP = 3  # the exit status when --steps-meanwhile's steps did not come during the write
+OVERLAP_TIMEOUT = 120.0  # seconds the write waits for them
+
+_steps = [0]  # optimizer steps this process has taken (counted by _count_steps)
+_writers = []  # every BackgroundWriter that has been given a write
 
 
 def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-class _KillAfter:
-    """A file object that dies once `limit` bytes (or characters) have been written through it."""
+def _count_steps(on_step=None) -> None:
+    """Count every optimizer step of the run (and call on_step with the count after each)."""
+    import s11lib.run as run_module
 
-    def __init__(self, f, limit: int):
-        self._f, self._left = f, limit
+    make_optimizer = run_module.make_optimizer
+
+    def counting(*args, **kwargs):
+        optimizer = make_optimizer(*args, **kwargs)
+
+        def hook(*_):
+            _steps[0] += 1
+            if on_step is not None:
+                on_step(_steps[0])
+        optimizer.register_step_post_hook(hook)
+        return optimizer
+
+    run_module.make_optimizer = counting
+
+
+def _track_writers() -> None:
+    from s11lib.utils import atomic
+
+    submit = atomic.BackgroundWriter.submit
+
+    def tracked(self, *args):
+        _writers.append(self)
+        return submit(self, *args)
+
+    atomic.BackgroundWriter.submit = tracked
+
+
+class _KillAfter:
+    """A file object that dies once `limit` bytes (or characters) have been written through it;
+    with `steps_meanwhile`, only once training has taken that many more steps."""
+
+    def __init__(self, f, limit: int, steps_meanwhile: int = 0):
+        self._f, self._left, self._steps_meanwhile = f, limit, steps_meanwhile
 
     def write(self, data):
         if len(data) >= self._left:
             self._f.write(data[: self._left])
             self._f.flush()
             os.fsync(self._f.fileno())  # the partial file really is on disk when the process dies
+            if self._steps_meanwhile:
+                until, deadline = _steps[0] + self._steps_meanwhile, time.monotonic() + OVERLAP_TIMEOUT
+                while _steps[0] < until:
+                    if time.monotonic() > deadline:
+                        print(f"no overlap: {self._steps_meanwhile} steps did not come during the write",
+                              file=sys.stderr, flush=True)
+                        os._exit(NO_OVERLAP)
+                    time.sleep(0.01)
+                print(f"dying at step {_steps[0]}", file=sys.stderr, flush=True)
             die()
         self._left -= len(data)
         return self._f.write(data)
@@ -56,32 +110,28 @@ class _KillAfter:
         return getattr(self._f, name)
 
 
-def kill_while_writing(name: str, nth: int, limit: int) -> None:
-    """Make the nth atomic write of the file `name` die after `limit` bytes."""
+def kill_while_writing(name: str, nth: int, limit: int, steps_meanwhile: int = 0) -> None:
+    """Make the nth atomic write of the file `name` die after `limit` bytes (see _KillAfter)."""
     count = itertools.count(1)
 
     def fdopen(fd, *args, **kwargs):
         f = _real_fdopen(fd, *args, **kwargs)
         written = Path(os.readlink(f"/proc/self/fd/{fd}")).name  # atomic_open's ".NAME.XXXX.tmp"
         if written.startswith(f".{name}.") and next(count) == nth:
-            return _KillAfter(f, limit)
+            return _KillAfter(f, limit, steps_meanwhile)
         return f
 
     os.fdopen = fdopen
 
 
 def kill_after_step(n: int) -> None:
-    import s11lib.run as run_module
+    def maybe_die(step: int) -> None:
+        if step == n:
+            for writer in _writers:
+                writer.wait(raise_error=False)
+            die()
 
-    make_optimizer = run_module.make_optimizer
-    steps = itertools.count(1)
-
-    def counting(*args, **kwargs):
-        optimizer = make_optimizer(*args, **kwargs)
-        optimizer.register_step_post_hook(lambda *_: die() if next(steps) == n else None)
-        return optimizer
-
-    run_module.make_optimizer = counting
+    _count_steps(maybe_die)
 
 
 KINDS = ("torch", "json", "csv", "npz", "npy", "png")
@@ -147,6 +197,7 @@ def main() -> None:
     r.add_argument("config")
     r.add_argument("--kill-after-step", type=int)
     r.add_argument("--kill-writing")
+    r.add_argument("--steps-meanwhile", type=int, default=0)
     w = sub.add_parser("write")
     w.add_argument("folder", type=Path)
     w.add_argument("bytes", type=int)
@@ -157,11 +208,14 @@ def main() -> None:
     from s11lib.config import Config
     from s11lib.run import run
 
+    _track_writers()
     if args.kill_after_step:
         kill_after_step(args.kill_after_step)
+    else:
+        _count_steps()
     if args.kill_writing:
         name, nth, limit = args.kill_writing.split(":")
-        kill_while_writing(name, int(nth), int(limit))
+        kill_while_writing(name, int(nth), int(limit), args.steps_meanwhile)
     run(Config(**json.loads(args.config)))
 
 

@@ -2,6 +2,7 @@
 They measure nothing here; their figures live in docs/benchmarks.md and docs/recipe.md."""
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -67,9 +68,9 @@ def test_a_candidate_is_a_named_recipe_with_fields_changed():
 
 
 def test_the_shipped_defaults_are_the_recipe_the_study_chose():
-    # docs/recipe.md chose "base+lr=0.8" on the proxies, and the reference run's divergence at it
-    # (results/cpu-reference/) moved the default to the study's named fallback, "base+lr=0.4". A
-    # default changed without the study shows up here.
+    # docs/recipe.md chose "base+lr=0.8" on the proxies; the reference run's divergence at it
+    # (results/cpu-reference/diverged-016e480/) moved the default to the study's named fallback,
+    # "base+lr=0.4". A default changed without the study shows up here.
     recipe = _load("recipe")
     assert recipe.recipe_of("shipped") == recipe.recipe_of("base+lr=0.4")
 
@@ -153,6 +154,17 @@ def test_the_cpu_step_benchmark_runs_and_prints_its_table(capsys):
     assert rows[0].endswith("| 1.00x |")
     with pytest.raises(SystemExit):
         bench.main(["--width", "8"])
+
+
+def test_the_checkpoint_overlap_benchmark_runs_and_leaves_nothing(tmp_path, capsys):
+    bench = _load("checkpoint_overlap")
+    assert bench.main(["--width", "16", "--batch-size", "2", "--steps", "1", "--epochs", "2", "--rounds", "1",
+                       "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    sizes = re.search(r"last\.pt ([\d.]+) MB, best\.pt ([\d.]+) MB", out)
+    assert sizes and float(sizes[1]) > 1.9 * float(sizes[2]) > 0  # weights and momentum against weights alone
+    assert re.search(r"inline / background: \d+\.\d\dx", out)
+    assert list(tmp_path.iterdir()) == []  # its temporary folder is gone, no file left half-written
 
 
 def test_the_heatmap_checks_benchmark_runs_and_prints_its_table(data_dir, capsys):

@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,10 @@ import torch
 from matplotlib.image import imread
 
 import s11lib.run as run_module
+from s11lib import checkpoint
 from s11lib.checkpoint import CheckpointError
 from s11lib.config import Config
+from s11lib.models import resnet18
 from s11lib.run import OUTPUT_FILES, read_metrics, run
 from s11lib.utils import atomic
 from s11lib.utils.train_test import DivergedError, NonFiniteLossError
@@ -114,6 +117,71 @@ def test_killed_three_times_then_finishes_as_if_never_killed(data_dir, uninterru
     assert_same_run(uninterrupted, tmp_path)
 
 
+def test_killed_during_a_background_write_while_the_next_epoch_trains(data_dir, uninterrupted, tmp_path):
+    # Epoch 2's last.pt dies after 64 KiB, held there until epoch 3 has taken 2 steps (4 an epoch):
+    # the write really ran beside the training, and the kill lands in the middle of both.
+    died = _run_child(data_dir, tmp_path, "--kill-writing", "last.pt:2:65536", "--steps-meanwhile", "2", killed=True)
+    assert "dying at step 10" in died.stderr  # 4 + 4 + 2: epoch 3 was training during the write
+    partial = list(tmp_path.glob(".last.pt.*.tmp"))
+    assert len(partial) == 1 and partial[0].stat().st_size == 65536
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1  # the last whole checkpoint
+    assert [r["epoch"] for r in read_metrics(tmp_path / "metrics.csv")] == [1]  # written after last.pt
+    again = _run_child(data_dir, tmp_path)
+    assert f"resuming from {tmp_path / 'last.pt'}: 1 of 3 epochs done" in again.stdout
+    assert_same_run(uninterrupted, tmp_path)
+
+
+def test_the_writer_runs_one_write_at_a_time_in_order_and_hands_errors_back():
+    writer = atomic.BackgroundWriter()
+    release, log = threading.Event(), []
+
+    def slow(name):
+        release.wait(30)
+        log.append(name)
+
+    writer.submit(slow, "epoch 1")
+    assert writer.busy and log == []  # submit returned while the write waits: it is off the caller's path
+    release.set()
+    writer.submit(log.append, "epoch 2")  # waits for epoch 1's first
+    assert log[0] == "epoch 1"
+    writer.wait()
+    assert log == ["epoch 1", "epoch 2"] and not writer.busy
+
+    def fails():
+        raise OSError(28, "No space left on device")
+    writer.submit(fails)
+    with pytest.raises(OSError, match="No space left"):  # raised in the caller's thread, at the next call
+        writer.submit(log.append, "epoch 3")
+    assert log == ["epoch 1", "epoch 2"]  # a write after a failed one does not start
+    writer.submit(fails)
+    with pytest.raises(KeyError, match="the run's own error"):  # leaving on an error keeps that error
+        with writer:
+            raise KeyError("the run's own error")
+    assert not writer.busy
+    writer.wait()  # the failed write's error was dropped with the run's own, not kept for later
+
+
+def test_the_state_handed_to_the_writer_is_a_copy_the_next_epoch_cannot_change():
+    config = Config(**{**SETTINGS, "data_dir": "unused", "out_dir": "unused"})
+    model = resnet18(width=8)
+    optimizer = run_module.make_optimizer(model, config, torch.device("cpu"))
+    scheduler = run_module.make_scheduler(optimizer, config)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    state = checkpoint.last_state(model, optimizer, scheduler, scaler, None, 1, config, [{"epoch": 1}], 1, 50.0,
+                                  "val_acc", torch.device("cpu"))
+    before = {k: v.clone() for k, v in state["model"].items()}
+    momentum = [s["momentum_buffer"].clone() for s in state["optimizer"]["state"].values()]
+    with torch.no_grad():  # what the next epoch does to the live tensors
+        for p in model.parameters():
+            p.add_(1.0)
+        for s in optimizer.state.values():
+            s["momentum_buffer"].add_(1.0)
+    assert all(torch.equal(state["model"][k], before[k]) for k in before)
+    assert all(torch.equal(s["momentum_buffer"], m) for s, m in zip(state["optimizer"]["state"].values(), momentum))
+    live = {p.data_ptr() for p in model.parameters()} | {s["momentum_buffer"].data_ptr() for s in optimizer.state.values()}
+    assert not live & {t.data_ptr() for t in state["model"].values()}
+
+
 def test_a_run_with_a_weight_average_resumes_bit_for_bit(data_dir, tmp_path_factory):
     whole, broken = tmp_path_factory.mktemp("ema-whole"), tmp_path_factory.mktemp("ema-broken")
     _run_child(data_dir, whole, ema_decay=0.9)
@@ -180,9 +248,9 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(data_dir, tmp_path, monk
 
 
 def test_a_finite_blow_up_stops_the_run_and_keeps_the_last_good_epoch(data_dir, tmp_path, monkeypatch):
-    """The reference run's failure (results/cpu-reference/): the weights grew by orders of
-    magnitude and the loss reached 5e5 but stayed finite. The run must stop the way a NaN stops
-    it, before the epoch's checkpoint, and resume from the epoch before."""
+    """The reference run's failure (results/cpu-reference/diverged-016e480/): the weights grew by
+    orders of magnitude and the loss reached 5e5 but stayed finite. The run must stop the way a NaN
+    stops it, before the epoch's checkpoint, and resume from the epoch before."""
     run(_config(data_dir, tmp_path, epochs=2))
     good = (tmp_path / "last.pt").read_bytes()
     real_train_epoch = run_module.train_epoch

@@ -5,6 +5,9 @@ atomic), flushes it to disk and `os.replace`s it over the target. On any error t
 file is removed and the target is untouched; after a SIGKILL it stays behind as `.NAME.*.tmp`,
 never as NAME, and `remove_leftovers` clears it on the next run.
 
+`BackgroundWriter` runs such writes on a thread, one at a time, so that a run's checkpoints are
+written while its next epoch trains.
+
 `exclusive` keeps two runs from writing into one folder at once. `make_folder` and `remove_made`
 let a step that fails take back the empty folders it made (a failed download, a refused run).
 """
@@ -15,8 +18,9 @@ import errno
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 import numpy as np
 import torch
@@ -65,6 +69,55 @@ def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
     """Save a matplotlib figure as PNG atomically."""
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", **kwargs)
+
+
+class BackgroundWriter:
+    """Runs writes on a thread of their own, one at a time, in the order they were submitted.
+
+    `submit` first waits for the write in flight, so at most one runs and a later one never
+    overtakes it. An error in a write is raised in the caller's thread by the next `submit` or
+    `wait`. The thread is not a daemon: a program that ends, even by an exception, first lets the
+    write in flight finish. A SIGKILL ends it part way like any other write here, which the atomic
+    writers above make harmless: the target keeps its previous whole version.
+    """
+
+    def __init__(self, name: str = "s11lib-writer"):
+        self._name = name
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, write: Callable[..., None], *args) -> None:
+        """Wait for the write in flight (raising its error, if any), then start `write(*args)`.
+        What `args` hold must not change meanwhile: pass copies."""
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(write, args), name=self._name)
+        self._thread.start()
+
+    def _run(self, write: Callable[..., None], args: tuple) -> None:
+        try:
+            write(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread by wait()
+            self._error = e
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.wait(raise_error=kind is None)  # an error already on its way is not replaced by the write's
+
+    def wait(self, raise_error: bool = True) -> None:
+        """Block until the write in flight is done; raise its error unless `raise_error` is False
+        (when the caller is already handling an error of its own)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None and raise_error:
+            raise error
 
 
 def make_folder(folder: str | os.PathLike) -> list[Path]:
