@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from s11lib import provenance
 from s11lib.config import Config
 from s11lib.constants import CLASSES, NUM_CLASSES
 from s11lib.loaders import load_cifar10
@@ -47,6 +48,7 @@ class SweptRun:
     summary: dict  # its row of summary.csv
     rows: list[dict]  # its metrics.csv
     per_class: np.ndarray  # (10,) best.pt's test accuracy per class, percent
+    provenance: dict | None = None  # its run.json (s11lib/provenance.py); None for a run without one
 
 
 @dataclass
@@ -101,7 +103,8 @@ def load_sweep(sweep_dir: str | Path, data_dir: str | Path | None = None) -> Swe
             raise ValueError(f"{run_dir}: {len(predictions)} test predictions for {len(labels)} test images in "
                              f"{data_dir or config.data_dir}")
         per_class = per_class_accuracy(confusion_matrix(predictions, labels, NUM_CLASSES)).numpy()
-        runs.append(SweptRun(row["run"], settings[row["run"]], row, read_metrics(run_dir / "metrics.csv"), per_class))
+        runs.append(SweptRun(row["run"], settings[row["run"]], row, read_metrics(run_dir / "metrics.csv"), per_class,
+                             provenance.read(run_dir)))
     return Sweep(folder, grid, runs, unfinished)
 
 
@@ -119,7 +122,41 @@ def describe(swept: Sweep) -> str:
         lines.append(f"  {name}: {', '.join(str(v) for v in values)}")
     for name, status in swept.unfinished.items():
         lines.append(f"  not in the comparison: {name} ({status})")
+    warnings = provenance_warnings(swept.runs)
+    if swept.runs and not warnings:
+        made = swept.runs[0].provenance["segments"][0]
+        lines.append(f"  made by: commit {provenance.short(made.get('commit'), bool(made.get('dirty')))}, "
+                     f"torch {made.get('torch')} (every run, every segment)")
+    lines += [f"warning: {warning}" for warning in warnings]
     return "\n".join(lines)
+
+
+def provenance_warnings(runs: list[SweptRun]) -> list[str]:
+    """What makes the runs' differences partly the code's or torch's, not the settings': runs made
+    by more than one commit (a dirty tree counts as its own) or torch version, over all their
+    segments; and runs with no run.json, which cannot say."""
+    seen: dict[str, dict[str, list[str]]] = {"commit": {}, "torch": {}}
+    unknown = []
+    for run in runs:
+        if run.provenance is None:
+            unknown.append(run.name)
+            continue
+        for segment in run.provenance["segments"]:
+            commit = provenance.short(segment.get("commit"), bool(segment.get("dirty")))
+            for kind, value in (("commit", commit), ("torch", segment.get("torch"))):
+                names = seen[kind].setdefault(str(value), [])
+                if run.name not in names:
+                    names.append(run.name)
+    warnings = []
+    for kind, values in seen.items():
+        if len(values) > 1:
+            what = "; ".join(f"{value}: {', '.join(names)}" for value, names in values.items())
+            plural = "commits" if kind == "commit" else "torch versions"
+            warnings.append(f"the runs come from {len(values)} different {plural} ({what}); part of a "
+                            "difference between them may be the code's")
+    if unknown:
+        warnings.append(f"{len(unknown)} runs have no run.json, so what made them is unknown: {', '.join(unknown)}")
+    return warnings
 
 
 # --- statistics ----------------------------------------------------------------------------------

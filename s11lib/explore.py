@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from s11lib import checkpoint
+from s11lib import checkpoint, provenance
 from s11lib.config import Config
 from s11lib.constants import CLASSES, NUM_CLASSES
 from s11lib.loaders import DeviceLoader, load_cifar10
@@ -57,6 +57,7 @@ class FinishedRun:
     images: torch.Tensor  # (N, 3, 32, 32) uint8 test images, on the CPU
     labels: torch.Tensor  # (N,)
     logits: torch.Tensor  # (N, 10) best.pt's logits, float32 on the CPU
+    provenance: dict | None = None  # run.json: what made the run (s11lib/provenance.py); None if it has none
 
     # Derived once: the browser reads them on every click, the logits never change.
     @cached_property
@@ -127,7 +128,7 @@ def load_run(run_dir: str | Path, data_dir: str | Path | None = None, device: st
             raise ValueError(f"best.pt's predictions on the test set in {data_dir or config.data_dir} differ from "
                              f"the run's ({stored}); is it the same data set?")
     return FinishedRun(run_dir, config, read_metrics(run_dir / "metrics.csv"), int(best["epoch"]), model, device_,
-                       images, labels, logits)
+                       images, labels, logits, provenance.read(run_dir))
 
 
 def per_class_table(finished: FinishedRun) -> str:
@@ -147,7 +148,8 @@ def per_class_table(finished: FinishedRun) -> str:
 
 
 def summary(finished: FinishedRun) -> str:
-    """The run in a few lines: epochs, best epoch, the last and the best epoch's metrics."""
+    """The run in a few lines: epochs, best epoch, the last and the best epoch's metrics, then what
+    made it (run.json: code, versions, machine, segments)."""
     def accuracies(row: dict) -> str:
         val = f"val {row['val_acc']:.2f}%, " if row.get("val_acc") is not None else ""
         return f"train {row['train_acc']:.2f}%, {val}test {row['test_acc']:.2f}%"
@@ -159,6 +161,7 @@ def summary(finished: FinishedRun) -> str:
         f"best epoch: {accuracies(finished.rows[finished.best_epoch - 1])}",
         f"best.pt on the {len(finished.labels)} test images: {100.0 * right:.2f}%, "
         f"{int((finished.preds != finished.labels).sum())} misclassified",
+        provenance.describe(finished.provenance),
     ])
 
 

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from s11lib import checkpoint, distributed
+from s11lib import checkpoint, distributed, provenance
 from s11lib.config import LR_REFERENCE_BATCH, Config, field_help
 from s11lib.constants import CLASSES, NUM_CLASSES
 from s11lib.device import Precision, resolve_precision, safe_layout
@@ -54,7 +54,8 @@ from s11lib.utils.plot_metrics import plot_confusion, plot_curves
 from s11lib.utils.summary import epoch_table, model_summary
 from s11lib.utils.train_test import DivergedError, check_not_diverged, evaluate, format_eval, train_epoch
 
-OUTPUT_FILES = ("metrics.csv", "last.pt", "best.pt", "config.json", "misclassified.json", "misclassified.png",
+OUTPUT_FILES = ("metrics.csv", "last.pt", "best.pt", "config.json", provenance.RUN_JSON, "misclassified.json",
+                "misclassified.png",
                 "gradcam.png", "gradcam.npz", "curves.png", "confusion.png", "test_predictions.npy")
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
                   "ema_val_loss", "ema_val_acc", "ema_test_loss", "ema_test_acc", "seconds")
@@ -159,7 +160,8 @@ def _run(config: Config, ranks: Ranks, device: torch.device) -> RunResult | None
     if resumed:
         resumed.load_into(model, optimizer, scheduler, scaler, average)
     with contextlib.ExitStack() as claimed:  # rank 0's lock on out_dir, held to the end of the run
-        distributed.on_main(ranks, lambda: _claim(out_dir, config, resumed, claimed))
+        record = distributed.on_main(ranks, lambda: _claim(out_dir, config, resumed, claimed, device, precision,
+                                                           layout.channels_last, ranks.world_size))
         if resumed:
             checkpoint.set_rng_state(resumed.last["rng"], device)
         print(model_summary(model, device=device))
@@ -181,15 +183,20 @@ def _run(config: Config, ranks: Ranks, device: torch.device) -> RunResult | None
         sys.stdout.flush()  # before the progress bars on stderr: a notebook then shows the two in order
         # The checkpoints are written while the next epoch trains; leaving the block waits for the
         # last epoch's (a run that fails waits too, so its last whole epoch is kept).
-        with _inductor_options(layout.compile_options() if config.compile else {}), \
-                atomic.BackgroundWriter("s11lib-checkpoints") as writer:
-            rows, best_epoch, step_losses = _train(model, data, optimizer, scheduler, scaler, warmup, average,
-                                                   config, device, precision, out_dir, resumed, writer, ranks)
-        if not ranks.is_main:
-            return None
-        result = explain(model, data, config, device, out_dir, rows, best_epoch, precision)
-        result.step_losses = step_losses
-        return result
+        try:
+            with _inductor_options(layout.compile_options() if config.compile else {}), \
+                    atomic.BackgroundWriter("s11lib-checkpoints") as writer:
+                rows, best_epoch, step_losses = _train(model, data, optimizer, scheduler, scaler, warmup, average,
+                                                       config, device, precision, out_dir, resumed, writer, record,
+                                                       ranks)
+            if not ranks.is_main:
+                return None
+            result = explain(model, data, config, device, out_dir, rows, best_epoch, precision)
+            result.step_losses = step_losses
+            return result
+        finally:  # the segment's end, however it ends (a SIGKILL leaves it open: end null)
+            if ranks.is_main:
+                record.end()
 
 
 def _inductor_options(options: dict) -> contextlib.AbstractContextManager:
@@ -202,9 +209,10 @@ def _inductor_options(options: dict) -> contextlib.AbstractContextManager:
 
 
 def _claim(out_dir: Path, config: Config, resumed: checkpoint.ResumePoint | None,
-           claimed: contextlib.ExitStack) -> None:
-    """Make out_dir this run's (rank 0 only): lock it, clear what a crash or another run left, and
-    write config.json."""
+           claimed: contextlib.ExitStack, device: torch.device, precision: Precision, channels_last: bool,
+           world_size: int) -> provenance.Record:
+    """Make out_dir this run's (rank 0 only): lock it, clear what a crash or another run left, write
+    config.json, and start this segment in run.json."""
     check_writable(out_dir)
     claimed.enter_context(atomic.exclusive(out_dir))
     atomic.remove_leftovers(out_dir)
@@ -220,11 +228,13 @@ def _claim(out_dir: Path, config: Config, resumed: checkpoint.ResumePoint | None
             print(f"no {checkpoint.LAST} in {out_dir} to continue from: starting the run from epoch 1 "
                   f"(removed {', '.join(sorted(p.name for p in stale))})")
     atomic.save_json(config.to_dict(), out_dir / "config.json")
+    return provenance.Record.begin(out_dir, device, precision, config.compile, channels_last, world_size,
+                                   resumed is not None)
 
 
 def _train(model, data: Loaders, optimizer, scheduler, scaler, warmup: Warmup, average: WeightAverage | None,
            config: Config, device, precision: Precision, out_dir: Path,
-           resumed: checkpoint.ResumePoint | None, writer: atomic.BackgroundWriter,
+           resumed: checkpoint.ResumePoint | None, writer: atomic.BackgroundWriter, record: provenance.Record,
            ranks: Ranks = Ranks()) -> tuple[list[dict], int, torch.Tensor]:
     """The epoch loop, from the first epoch or from where `resumed` stopped.
 
@@ -321,18 +331,23 @@ def _train(model, data: Loaders, optimizer, scheduler, scaler, warmup: Warmup, a
             row["seconds"] = round(time.perf_counter() - start, 3)
             last = checkpoint.last_state(model, optimizer, scheduler, scaler, average, epoch, config, rows,
                                          best_epoch, best_acc, select_on, device)
-            writer.submit(write_epoch_files, out_dir, last, improved, [dict(r) for r in rows])
+            writer.submit(write_epoch_files, out_dir, last, improved, [dict(r) for r in rows],
+                          record.epoch_done(epoch))
     print(f"best checkpoint: epoch {best_epoch} ({select_on} {best_acc:.2f}%)")
     return rows, best_epoch, torch.cat(step_losses) if step_losses else torch.zeros(0)
 
 
-def write_epoch_files(out_dir: Path, last: dict, improved: bool, rows: list[dict]) -> None:
+def write_epoch_files(out_dir: Path, last: dict, improved: bool, rows: list[dict],
+                      run_record: dict | None = None) -> None:
     """An epoch's files, on the writer's thread: last.pt first, since it alone decides where a
-    resumed run starts, then best.pt if the epoch improved, then metrics.csv (s11lib/checkpoint.py)."""
+    resumed run starts, then best.pt if the epoch improved, then metrics.csv (s11lib/checkpoint.py),
+    then run.json with the epoch in its segment (s11lib/provenance.py)."""
     atomic.save_torch(last, out_dir / checkpoint.LAST)
     if improved:
         checkpoint.save_best(out_dir / checkpoint.BEST, last)
     write_metrics(rows, out_dir / "metrics.csv")
+    if run_record is not None:
+        atomic.save_json(run_record, out_dir / provenance.RUN_JSON)
 
 
 def kept_model_prefix(config: Config) -> str:

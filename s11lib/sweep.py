@@ -53,6 +53,7 @@ import torch
 import yaml
 from papermill.iorw import NoDatesSafeLoader
 
+from s11lib import provenance
 from s11lib.config import Config, check_names
 from s11lib.run import OUTPUT_FILES, OneLineParser, check_writable, kept_model_prefix, read_metrics
 from s11lib.utils import atomic
@@ -71,6 +72,10 @@ LOGS = "logs"
 # time, summed over every call that trained the run.
 METRIC_COLUMNS = ("epochs_done", "final_val_acc", "final_test_acc", "best_epoch", "best_val_acc", "best_test_acc",
                   "seconds")
+# What made the run (its run.json, s11lib/provenance.py): the commit of every segment (short, "-dirty"
+# where the tree had changes, joined by "+" when they differ) and the device's name. Text columns.
+PROVENANCE_COLUMNS = ("commit", "device")
+_TEXT_COLUMNS = frozenset({"run", "status", "error"})
 # Settings that change neither what a run trains nor what it writes: a finished run stays finished
 # when only these differ (a sweep moved to another folder, or continued on another machine).
 _INCIDENTAL = frozenset({"data_dir", "download", "device", "out_dir", "progress", "resume", "compile",
@@ -212,7 +217,8 @@ def is_finished(point: Point) -> bool:
 
 def summary_row(point: Point, status: str, error: str = "") -> dict:
     """The run's row of summary.csv, from the files in its folder."""
-    row = {"run": point.name, "status": status, **point.settings, **dict.fromkeys(METRIC_COLUMNS), "error": error}
+    row = {"run": point.name, "status": status, **point.settings, **dict.fromkeys(METRIC_COLUMNS),
+           **_made_by(point.out_dir), "error": error}
     try:
         rows = read_metrics(point.out_dir / "metrics.csv")
     except (OSError, ValueError, KeyError):
@@ -231,9 +237,18 @@ def summary_row(point: Point, status: str, error: str = "") -> dict:
     return row
 
 
+def _made_by(run_dir: Path) -> dict:
+    """summary.csv's provenance cells of a run folder: empty without a run.json."""
+    state = provenance.read(run_dir)
+    if state is None:
+        return dict.fromkeys(PROVENANCE_COLUMNS)
+    commits = list(dict.fromkeys(provenance.short(s.get("commit"), bool(s.get("dirty"))) for s in state["segments"]))
+    return {"commit": "+".join(commits) or None, "device": state["device"]["name"]}
+
+
 def write_summary(spec: Spec, rows: list[dict]) -> Path:
     path = spec.out_dir / SUMMARY
-    columns = ["run", "status", *spec.grid, *METRIC_COLUMNS, "error"]
+    columns = ["run", "status", *spec.grid, *METRIC_COLUMNS, *PROVENANCE_COLUMNS, "error"]
     with atomic.atomic_open(path, "w") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
@@ -255,7 +270,8 @@ def read_summary(path: str | os.PathLike) -> list[dict]:
         return {"True": True, "False": False, "None": None}.get(text, text)
 
     with open(path, newline="") as f:
-        return [{k: v if k in ("run", "status", "error") else value(v) for k, v in row.items()}
+        return [{k: v if k in _TEXT_COLUMNS else (v or None) if k in PROVENANCE_COLUMNS else value(v)
+                 for k, v in row.items()}
                 for row in csv.DictReader(f)]
 
 

@@ -170,8 +170,9 @@ def test_an_unknown_parameter_stops_papermill_itself(data_dir, tmp_path):
 
 def test_every_file_appears(executed):
     _, out_dir, *_ = executed
-    expected = {"metrics.csv", "last.pt", "best.pt", "config.json", "misclassified.json", "misclassified.png",
-                "gradcam.png", "gradcam.npz", "curves.png", "confusion.png", "test_predictions.npy", "train.ipynb"}
+    expected = {"metrics.csv", "last.pt", "best.pt", "config.json", "run.json", "misclassified.json",
+                "misclassified.png", "gradcam.png", "gradcam.npz", "curves.png", "confusion.png", "test_predictions.npy",
+                "train.ipynb"}
     assert {p.name for p in out_dir.iterdir()} == expected  # and no temporary files left behind
 
 

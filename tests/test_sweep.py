@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import fake_cuda
-from s11lib import compare, sweep
+from s11lib import compare, provenance, sweep
 from s11lib.compare import Sweep, SweptRun
 from s11lib.config import Config
 from s11lib.run import read_metrics
@@ -207,7 +207,7 @@ def test_runs_go_one_per_gpu_side_by_side(swept):
 def test_summary_has_a_row_per_run_from_its_files(swept):
     header = (swept.folder / "summary.csv").read_text().splitlines()[0]
     assert header == ("run,status,lr,seed,epochs_done,final_val_acc,final_test_acc,best_epoch,best_val_acc,"
-                      "best_test_acc,seconds,error")
+                      "best_test_acc,seconds,commit,device,error")
     rows = sweep.read_summary(swept.folder / "summary.csv")
     assert [(r["lr"], r["seed"]) for r in rows] == [(0.1, 1), (0.1, 2), (0.8, 1), (0.8, 2)]
     for row in rows:
@@ -220,6 +220,9 @@ def test_summary_has_a_row_per_run_from_its_files(swept):
         assert row["best_val_acc"] == metrics[row["best_epoch"] - 1]["val_acc"] == max(r["val_acc"] for r in metrics)
         assert row["seconds"] == pytest.approx(sum(r["seconds"] for r in metrics), abs=0.051)
         assert json.loads((run_dir / sweep.FINISHED).read_text())["parameters"]["out_dir"] == str(run_dir)
+        made = provenance.read(run_dir)  # every segment's commit, joined; the device's name
+        commits = dict.fromkeys(provenance.short(s["commit"], bool(s.get("dirty"))) for s in made["segments"])
+        assert row["commit"] == "+".join(commits) and row["device"] == made["device"]["name"]
     assert json.loads((swept.folder / "sweep.json").read_text())["runs"] == [r["run"] for r in rows]
 
 
@@ -344,3 +347,23 @@ def test_compare_notebook_runs_under_papermill(swept, data_dir, tmp_path):
     assert re.search(r"lr=0.1 +2 +\d+\.\d\d ± \d+\.\d\d", text) and re.search(r"lr=0.8 +2 ", text)
     assert "Welch's t-test, Holm's correction over 1 pair(s)" in text and "seed noise" in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # the curves and the classes
+
+
+def test_compare_warns_when_the_runs_come_from_different_commits_or_torch_versions():
+    def made(*segments):
+        return {"segments": [{"commit": commit, "dirty": dirty, "torch": torch} for commit, dirty, torch in segments]}
+
+    def swept_run(name, state):
+        return SweptRun(name, {"seed": 1}, {}, [], np.zeros(10), state)
+
+    same = [swept_run("a", made(("a" * 40, False, "2.14.1"))), swept_run("b", made(("a" * 40, False, "2.14.1")))]
+    assert compare.provenance_warnings(same) == []
+    mixed = [swept_run("a", made(("a" * 40, False, "2.14.1"))),
+             swept_run("b", made(("a" * 40, False, "2.14.1"), ("b" * 40, True, "2.15.0"))),  # resumed after an upgrade
+             swept_run("c", None)]
+    assert compare.provenance_warnings(mixed) == [
+        "the runs come from 2 different commits (aaaaaaa: a, b; bbbbbbb-dirty: b); part of a difference between "
+        "them may be the code's",
+        "the runs come from 2 different torch versions (2.14.1: a, b; 2.15.0: b); part of a difference between "
+        "them may be the code's",
+        "1 runs have no run.json, so what made them is unknown: c"]
