@@ -1,6 +1,7 @@
 """An epoch's checkpoint writes inline against in the background (s11lib's way), in one process.
 
-    PYTHONPATH=. python bench/checkpoint_overlap.py [--width 64] [--batch-size 8] [--steps 10] [--epochs 4] [--rounds 3] [--threads N] [--dir DIR]
+    PYTHONPATH=. python bench/checkpoint_overlap.py [--width 64] [--batch-size 8] [--steps 10] [--epochs 4]
+        [--rounds 3] [--threads N] [--dir DIR]
 
 A stand-in for a short GPU epoch: `steps` training steps of the shipped ResNet18 (fused SGD, fp32)
 on one random batch, then the epoch's files exactly as a run writes them (`checkpoint.last_state`,
@@ -104,7 +105,8 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; width {args.width}, batch "
           f"{args.batch_size}, {args.steps} steps an epoch; last.pt {sizes[checkpoint.LAST]:.1f} MB, "
           f"best.pt {sizes[checkpoint.BEST]:.1f} MB; {args.rounds} rounds of {args.epochs} epochs each way (medians)")
-    print(f"  write alone (last.pt + best.pt + metrics.csv): {median['write']:.3f} s; host copy: {median['copy']:.3f} s")
+    print(f"  write alone (last.pt + best.pt + metrics.csv): {median['write']:.3f} s; "
+          f"host copy: {median['copy']:.3f} s")
     print(f"  epoch with the writes inline:     {median['inline']:.3f} s")
     print(f"  epoch with the writes background: {median['background']:.3f} s")
     print(f"  inline / background: {median['inline'] / median['background']:.2f}x")
