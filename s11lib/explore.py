@@ -14,6 +14,7 @@ the overlay opacity. Its pictures are plain PNG bytes, so they also render witho
 """
 from __future__ import annotations
 
+import hashlib
 import html
 import io
 import json
@@ -28,7 +29,7 @@ from torch import nn
 from s11lib import checkpoint, provenance
 from s11lib.config import Config
 from s11lib.constants import CLASSES, NUM_CLASSES
-from s11lib.loaders import DeviceLoader, load_cifar10
+from s11lib.loaders import DeviceLoader, load_cifar10, split_indices
 from s11lib.models import resnet18
 from s11lib.device import resolve_device, resolve_precision
 from s11lib.run import read_metrics
@@ -131,6 +132,181 @@ def load_run(run_dir: str | Path, data_dir: str | Path | None = None, device: st
                        images, labels, logits, provenance.read(run_dir))
 
 
+# --- what each mistake resembles: nearest training images in the model's feature space ----------
+FEATURES = "features.npz"  # the cache of pooled features, in the run folder
+
+
+@dataclass
+class Neighbours:
+    """For each test image, its k nearest training images by cosine similarity of best.pt's pooled
+    features (the input of the classifier)."""
+
+    positions: torch.Tensor  # (N_test, k) rows of the training split as loaded, nearest first
+    similarity: torch.Tensor  # (N_test, k) cosine similarity, float32
+    labels: torch.Tensor  # (N_test, k) the neighbours' labels
+    train_images: torch.Tensor  # (N_train, 3, 32, 32) uint8: the training split as loaded, for pictures
+    train_indices: torch.Tensor  # (N_train,) each row's index in CIFAR-10's training set
+    computed: bool  # False: the features came from the cache
+
+    def agreeing(self, predictions: torch.Tensor) -> torch.Tensor:
+        """(N_test,) how many of each image's neighbours carry `predictions`' class."""
+        return (self.labels == predictions[:, None]).sum(1)
+
+
+def training_split(config: Config,
+                   data_dir: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The run's training images as it loaded them (its train_subset, then without its validation
+    split, in index order), their labels, and their indices in CIFAR-10's training set."""
+    images, labels = load_cifar10(data_dir or config.data_dir, train=True, download=config.download)
+    if config.train_subset is not None:
+        images, labels = images[: config.train_subset], labels[: config.train_subset]
+    kept, _ = split_indices(len(images), config.val_size)
+    return images[kept], labels[kept], kept
+
+
+@torch.no_grad()
+def pooled_features(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int,
+                    amp_dtype: torch.dtype | None = None, progress: bool = False,
+                    desc: str = "features") -> torch.Tensor:
+    """(N, C) float32 on the CPU: the global-average-pooled output of the trunk, what the classifier
+    sees, for uint8 images (test transforms: no augmentation), in batches on `device`."""
+    from tqdm import tqdm
+
+    from s11lib.utils.train_test import autocast
+
+    model.eval()
+    out = []
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress):
+        x = test_transforms()(images[start : start + batch_size].to(device))
+        with autocast(device, amp_dtype):
+            pooled = torch.flatten(nn.functional.adaptive_avg_pool2d(model.forward_features(x), 1), 1)
+        out.append(pooled.float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def _cache_key(finished: FinishedRun, n_train: int) -> str:
+    """What the cached features were computed from: best.pt's bytes, the training split and the
+    precision. Any change makes the cache stale."""
+    best = hashlib.sha256((finished.run_dir / checkpoint.BEST).read_bytes()).hexdigest()
+    config = finished.config
+    return json.dumps({"best.pt sha256": best, "train_subset": config.train_subset, "val_size": config.val_size,
+                       "train_images": n_train, "test_subset": config.test_subset, "amp": config.amp})
+
+
+def cosine_neighbours(queries: torch.Tensor, keys: torch.Tensor, k: int,
+                      chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k rows of `keys` most cosine-similar to each row of `queries`: (similarity, positions),
+    each (len(queries), k), most similar first. A brute-force matrix product, a chunk of queries at
+    a time: at CIFAR-10's size (10,000 x 45,000 x 512) that is seconds, and exact."""
+    keys = nn.functional.normalize(keys.float(), dim=1)
+    queries = nn.functional.normalize(queries.float(), dim=1)
+    sims, positions = [], []
+    for start in range(0, len(queries), chunk):
+        top = (queries[start : start + chunk] @ keys.T).topk(min(k, len(keys)), dim=1)
+        sims.append(top.values)
+        positions.append(top.indices)
+    return torch.cat(sims), torch.cat(positions)
+
+
+def feature_neighbours(finished: FinishedRun, k: int = 5, data_dir: str | Path | None = None,
+                       batch_size: int | None = None, progress: bool = True) -> Neighbours:
+    """Each test image's k nearest training images in best.pt's feature space, with their labels.
+
+    The features of the training split (and of the test images) are computed once in batches on
+    the run's device, at its precision, and cached in the run folder as float16 (FEATURES), with
+    what they were computed from: a changed best.pt or split makes the cache stale, and it is
+    computed again. On 2 CPU cores the 45,000 training images at full width take minutes."""
+    train_images, train_labels, train_indices = training_split(finished.config, data_dir)
+    path = finished.run_dir / FEATURES
+    key = _cache_key(finished, len(train_images))
+    cached = None
+    if path.is_file():
+        try:
+            with np.load(path) as stored:
+                if str(stored["key"]) == key:
+                    cached = torch.from_numpy(stored["train"].astype(np.float32)), \
+                        torch.from_numpy(stored["test"].astype(np.float32))
+        except (OSError, ValueError, KeyError):  # torn or foreign: computed again
+            cached = None
+    if cached is None:
+        amp_dtype = resolve_precision(finished.config.amp, finished.device).dtype
+        size = batch_size or finished.config.batch_size
+        train = pooled_features(finished.model, train_images, finished.device, size, amp_dtype, progress,
+                                "training features")
+        test = pooled_features(finished.model, finished.images, finished.device, size, amp_dtype, progress,
+                               "test features")
+        atomic.save_npz(path, key=np.array(key), train=train.numpy().astype(np.float16),
+                        test=test.numpy().astype(np.float16))
+        # What is used is what the cache will give next time: the same figures either way.
+        train, test = train.half().float(), test.half().float()
+    else:
+        train, test = cached
+    similarity, positions = cosine_neighbours(test, train, k)
+    return Neighbours(positions, similarity, train_labels[positions], train_images, train_indices, cached is None)
+
+
+def neighbour_figure(finished: FinishedRun, neighbours: Neighbours, count: int = 20):
+    """The `count` most confident mistakes, each beside its nearest training image (its label, and
+    how many of the k nearest carry the predicted class)."""
+    from s11lib.utils.misclassified import plot_image_grid
+
+    mistakes = finished.mistakes()
+    panels, titles = [], []
+    for position in mistakes.positions[:count].tolist():
+        label, pred = int(finished.labels[position]), int(finished.preds[position])
+        nearest = int(neighbours.positions[position, 0])
+        agree = int((neighbours.labels[position] == pred).sum())
+        panels += [finished.images[position], neighbours.train_images[nearest]]
+        titles += [f"#{position}: true {CLASSES[label]}\npred {CLASSES[pred]} "
+                   f"({100 * float(finished.probs[position, pred]):.0f}%)",
+                   f"nearest: {CLASSES[int(neighbours.labels[position, 0])]}\n"
+                   f"{agree} of {neighbours.labels.shape[1]} are {CLASSES[pred]}"]
+    return plot_image_grid(torch.stack(panels) if panels else torch.zeros(0, 3, 32, 32, dtype=torch.uint8), titles,
+                           ncols=8, suptitle="Each mistake (left) beside its nearest training image in best.pt's "
+                           "features (right)")
+
+
+# --- how far the confidence can be trusted -----------------------------------------------------
+@dataclass
+class Calibration:
+    """A reliability diagram's bins (equal width over [0, 1]) and the expected calibration error
+    (Guo et al. 2017): the bins' gap between accuracy and mean confidence, weighted by their share
+    of the images. Confidence is the top class's softmax probability."""
+
+    edges: torch.Tensor  # (bins + 1,)
+    counts: torch.Tensor  # (bins,) images per bin
+    confidence: torch.Tensor  # (bins,) their mean confidence (NaN where empty)
+    accuracy: torch.Tensor  # (bins,) the share right (NaN where empty)
+    ece: float  # in [0, 1]
+    mean_confidence_wrong: float
+    mean_confidence_right: float
+    wrong_confidences: torch.Tensor  # the mistakes' confidences, for marking them
+
+    @property
+    def bins(self) -> int:
+        return len(self.counts)
+
+
+def calibration(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> Calibration:
+    """Reliability bins and ECE of predicted probabilities (N, classes) against labels. Bin m holds
+    confidences in ((m - 1) / bins, m / bins], the first also 0."""
+    confidence, predicted = probs.float().max(1)
+    right = predicted == labels
+    which = (torch.ceil(confidence * bins).long() - 1).clamp(0, bins - 1)
+    counts = torch.bincount(which, minlength=bins)
+    sums = torch.zeros(bins).index_add_(0, which, confidence)
+    hits = torch.zeros(bins).index_add_(0, which, right.float())
+    nonzero = counts.clamp(min=1).float()
+    mean_conf = torch.where(counts > 0, sums / nonzero, torch.nan)
+    acc = torch.where(counts > 0, hits / nonzero, torch.nan)
+    ece = float(((counts.float() / max(len(labels), 1)) * (hits / nonzero - sums / nonzero).abs()).sum())
+
+    def mean(values: torch.Tensor) -> float:
+        return float(values.mean()) if len(values) else float("nan")
+    return Calibration(torch.linspace(0, 1, bins + 1), counts, mean_conf, acc, ece, mean(confidence[~right]),
+                       mean(confidence[right]), confidence[~right])
+
+
 def per_class_table(finished: FinishedRun) -> str:
     """Per-class accuracy of best.pt as a text table, worst class first."""
     confusion = finished.confusion
@@ -223,10 +399,12 @@ class MistakeBrowser:
     class | Grad-CAM for the true class), `caption` and `probabilities` (HTML).
     """
 
-    def __init__(self, finished: FinishedRun, layer: str | None = None, alpha: float = 0.5, scale: int = 4):
+    def __init__(self, finished: FinishedRun, layer: str | None = None, alpha: float = 0.5, scale: int = 4,
+                 neighbours: Neighbours | None = None):
         import ipywidgets as w
 
         self.finished = finished
+        self.neighbours = neighbours  # feature_neighbours(finished): a panel of the nearest training images
         self.scale = scale
         self._cams: dict[tuple[int, str], torch.Tensor] = {}
         classes = [("any", ANY)] + [(name, i) for i, name in enumerate(CLASSES)]  # None would show blank
@@ -242,12 +420,15 @@ class MistakeBrowser:
         self.caption = w.HTML()
         self.picture = w.Image(format="png")
         self.probabilities = w.HTML()
+        self.neighbour_caption = w.HTML()
+        self.neighbour_picture = w.Image(format="png")
         self.widget = w.VBox([
             w.HBox([self.true_class, self.pred_class, self.count]),
             self.selector,
             w.HBox([self.layer, self.alpha]),
             self.caption,
             w.HBox([self.picture, self.probabilities]),
+            *((self.neighbour_caption, self.neighbour_picture) if neighbours is not None else ()),
         ])
         self.true_class.observe(self._filter_changed, "value")
         self.pred_class.observe(self._filter_changed, "value")
@@ -291,8 +472,8 @@ class MistakeBrowser:
         position = self.current
         if position is None:
             self.caption.value = "<b>No mistakes with this true and predicted class.</b>"
-            self.picture.value = b""
-            self.probabilities.value = ""
+            self.picture.value = self.neighbour_picture.value = b""
+            self.probabilities.value = self.neighbour_caption.value = ""
             return
         finished = self.finished
         label, pred = int(finished.labels[position]), int(finished.preds[position])
@@ -307,6 +488,27 @@ class MistakeBrowser:
             f"<td><div style='background:#4c72b0;height:10px;width:{int(round(120 * p))}px'></div></td></tr>"
             for p, c in zip(top.values.tolist(), top.indices.tolist()))
         self.probabilities.value = f"<table><tr><th colspan=3>top 3</th></tr>{rows}</table>"
+        if self.neighbours is not None:
+            self.neighbour_picture.value = self.neighbours_png(position)
+            near = self.neighbours
+            labels = near.labels[position].tolist()
+            named = ", ".join(f"{CLASSES[c]} ({100 * s:.0f}%)"
+                              for c, s in zip(labels, near.similarity[position].tolist()))
+            self.neighbour_caption.value = (
+                f"Its {len(labels)} nearest training images in best.pt's features (cosine similarity): "
+                f"<b>{labels.count(pred)} of {len(labels)} are {CLASSES[pred]}</b> (predicted), "
+                f"{labels.count(label)} {CLASSES[label]} (true). Nearest first: {html.escape(named)}.")
+
+    def neighbours_png(self, position: int) -> bytes:
+        """The selected test image's nearest training images in a row, each scaled up `scale` times."""
+        near = self.neighbours
+        images = near.train_images[near.positions[position]]
+        gap = np.ones((32, 2, 3))
+        panels = []
+        for image in images:
+            panels += [to_float(image).permute(1, 2, 0).numpy(), gap]
+        strip = np.concatenate(panels[:-1], axis=1)
+        return _to_png(strip.repeat(self.scale, 0).repeat(self.scale, 1))
 
     def png(self, position: int) -> bytes:
         """The three panels of one mistake as PNG bytes, each scaled up `scale` times."""

@@ -10,7 +10,8 @@ import torch
 from matplotlib.image import imread
 
 from s11lib.constants import CLASSES
-from s11lib.explore import ANY, LAYERS, MistakeBrowser, load_run, per_class_table, summary
+from s11lib.explore import (ANY, FEATURES, LAYERS, MistakeBrowser, calibration, feature_neighbours, load_run,
+                            per_class_table, summary, training_split)
 from s11lib.transforms import test_transforms
 from s11lib.utils.accuracy import per_class_accuracy
 from s11lib.utils.gradcam import GradCAM
@@ -154,3 +155,109 @@ def test_static_views_for_papermill(browser):
     assert browser.snapshot().data == browser.picture.value
     fig = browser.figure(4)
     assert len(fig.axes) == 12  # 4 mistakes x (image, Grad-CAM predicted, Grad-CAM true)
+
+
+# --- what each mistake resembles, and how far the confidence can be trusted ------------------------
+@pytest.fixture(scope="module")
+def copied_run(learned_run, data_dir, tmp_path_factory):
+    """The learned run in a folder of its own: the neighbours' cache is written there."""
+    folder = tmp_path_factory.mktemp("neighbours") / "run"
+    shutil.copytree(learned_run.out_dir, folder)
+    return load_run(folder, data_dir, device="cpu")
+
+
+def test_neighbours_are_those_of_a_plain_per_image_loop(copied_run, data_dir):
+    found = feature_neighbours(copied_run, k=5, data_dir=data_dir, progress=False)
+    train_images, train_labels, _ = training_split(copied_run.config, data_dir)
+    assert found.train_images.shape == train_images.shape and torch.equal(found.train_images, train_images)
+    model, captured = copied_run.model, []
+    # The reference takes the classifier's input through a hook (not forward_features), one image
+    # at a time for the queries, and compares each query with every training image on its own.
+    handle = model.linear.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            for start in range(0, len(train_images), 256):
+                model(test_transforms()(train_images[start : start + 256]))
+            train = torch.cat(captured)
+            for position in range(8):
+                captured.clear()
+                model(test_transforms()(copied_run.images[position : position + 1]))
+                sims = torch.stack([torch.nn.functional.cosine_similarity(captured[0][0], row, dim=0) for row in train])
+                top = sims.topk(6)
+                # The cache holds float16: compare where the 5th and 6th are not a near tie.
+                if float(top.values[4] - top.values[5]) > 2e-3:
+                    assert set(found.positions[position].tolist()) == set(top.indices[:5].tolist())
+                torch.testing.assert_close(found.similarity[position], top.values[:5], atol=2e-3, rtol=0)
+                assert torch.equal(found.labels[position], train_labels[found.positions[position]])
+    finally:
+        handle.remove()
+    assert found.agreeing(copied_run.preds).shape == (len(copied_run.labels),)
+
+
+def test_the_feature_cache_is_reused_until_best_pt_changes(copied_run, data_dir):
+    first = feature_neighbours(copied_run, k=3, data_dir=data_dir, progress=False)
+    with np.load(copied_run.run_dir / FEATURES) as stored:
+        assert stored["train"].dtype == np.float16 and stored["test"].dtype == np.float16
+        assert stored["train"].shape[0] == len(first.train_images)
+    again = feature_neighbours(copied_run, k=3, data_dir=data_dir, progress=False)
+    assert not again.computed and torch.equal(again.positions, first.positions)
+    best = torch.load(copied_run.run_dir / "best.pt", weights_only=True)
+    best["model"]["linear.bias"] += 1.0  # a different best.pt, as a longer run would leave
+    torch.save(best, copied_run.run_dir / "best.pt")
+    changed = feature_neighbours(copied_run, k=3, data_dir=data_dir, progress=False)
+    assert changed.computed  # stale: computed again, from the new file
+
+
+def test_ece_against_a_hand_computed_example():
+    confidences = [0.3, 0.35, 0.9, 0.95, 0.85]
+    right = [True, False, True, True, False]
+    probs = torch.tensor([[c] + [(1 - c) / 9] * 9 for c in confidences])  # class 0 is the top class
+    labels = torch.tensor([0 if r else 3 for r in right])
+    found = calibration(probs, labels, bins=5)
+    # Bin (0.2, 0.4]: 0.3 right, 0.35 wrong: confidence 0.325, accuracy 0.5. Bin (0.8, 1.0]: 0.9,
+    # 0.95 right, 0.85 wrong: 0.9 and 2/3. ECE = 2/5 * 0.175 + 3/5 * 0.2333 = 0.21.
+    assert found.counts.tolist() == [0, 2, 0, 0, 3]
+    torch.testing.assert_close(found.confidence[[1, 4]], torch.tensor([0.325, 0.9]))
+    torch.testing.assert_close(found.accuracy[[1, 4]], torch.tensor([0.5, 2 / 3]))
+    assert torch.isnan(found.accuracy[[0, 2, 3]]).all()
+    assert found.ece == pytest.approx(0.21, abs=1e-6)
+    assert found.mean_confidence_wrong == pytest.approx(0.6) and found.mean_confidence_right == pytest.approx(2.15 / 3)
+    assert sorted(found.wrong_confidences.tolist()) == pytest.approx([0.35, 0.85])
+    perfect = calibration(torch.eye(10)[:4], torch.arange(4), bins=10)
+    assert perfect.ece == 0.0 and perfect.counts[-1] == 4
+
+
+def test_the_browsers_neighbour_panel_follows_the_slider(copied_run, data_dir):
+    near = feature_neighbours(copied_run, k=5, data_dir=data_dir, progress=False)
+    browser = MistakeBrowser(copied_run, layer="layer3", neighbours=near)
+    assert browser.neighbour_picture in browser.widget.children
+    shown = []
+    for index in (0, 3):
+        browser.selector.value = index
+        position = browser.current
+        pixels = _pixels(browser.neighbour_picture.value)
+        assert pixels.shape[:2] == (32 * 4, (32 * 5 + 2 * 4) * 4)  # five images, scaled 4x
+        nearest = near.train_images[near.positions[position, 0]]
+        expected = nearest.permute(1, 2, 0).float().numpy() / 255
+        assert np.allclose(pixels[:128:4, :128:4, :3], expected, atol=1 / 255 + 1e-6)  # the first is the nearest
+        pred = CLASSES[int(copied_run.preds[position])]
+        agree = int((near.labels[position] == copied_run.preds[position]).sum())
+        assert f"{agree} of 5 are {pred}</b> (predicted)" in browser.neighbour_caption.value
+        shown.append((browser.neighbour_picture.value, browser.neighbour_caption.value))
+    assert shown[0] != shown[1]
+    assert MistakeBrowser(copied_run, layer="layer3").neighbour_picture not in \
+        MistakeBrowser(copied_run, layer="layer3").widget.children  # off without neighbours
+
+
+def test_the_reliability_diagram_and_the_neighbour_grid_draw(copied_run, data_dir):
+    from s11lib.explore import neighbour_figure
+    from s11lib.utils.plot_metrics import plot_reliability
+
+    found = calibration(copied_run.probs, copied_run.labels)
+    fig = plot_reliability(found)
+    assert f"ECE {100 * found.ece:.2f}% (15 equal-width bins)" in fig.axes[0].get_title()
+    assert found.counts.sum() == len(copied_run.labels)
+    near = feature_neighbours(copied_run, k=5, data_dir=data_dir, progress=False)
+    grid = neighbour_figure(copied_run, near, count=4)
+    titles = [ax.get_title() for ax in grid.axes if ax.get_title()]
+    assert len(titles) == 8 and titles[0].startswith(f"#{int(copied_run.mistakes().positions[0])}: true")

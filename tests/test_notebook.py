@@ -59,7 +59,8 @@ def test_explore_parameters_are_literals():
     (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     names = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body}
     assert names == {"run_dir": "runs/train", "data_dir": None, "device": "auto", "layer": "layer3", "alpha": 0.5,
-                     "static_mistakes": 6, "correct_sample": 100, "check_steps": 8, "check_seed": 0}
+                     "static_mistakes": 6, "neighbours": True, "calibration_bins": 15, "correct_sample": 100,
+                     "check_steps": 8, "check_seed": 0}
 
 
 # --- the nbval references (tests/notebooks/) ---------------------------------------------------------

@@ -122,3 +122,33 @@ def plot_class_accuracy(groups: dict[str, np.ndarray], title: str) -> Figure:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     return fig
+
+
+def plot_reliability(calibration, title: str = "Reliability diagram") -> Figure:
+    """A reliability diagram from a calibration's bins (s11lib.explore.calibration or anything with
+    its fields: edges, counts, confidence, accuracy, ece, wrong_confidences): the accuracy of each
+    confidence bin against the diagonal of perfect calibration, the gap shaded, the share of images
+    per bin below, and the mistakes' confidences marked as ticks along the bottom."""
+    edges = np.asarray(calibration.edges, dtype=float)
+    counts = np.asarray(calibration.counts, dtype=float)
+    accuracy = np.asarray(calibration.accuracy, dtype=float)
+    confidence = np.asarray(calibration.confidence, dtype=float)
+    centres, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+    fig = Figure(figsize=(6.5, 6.5), layout="constrained")
+    ax, ax_count = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    filled = counts > 0
+    ax.bar(centres[filled], accuracy[filled], width=width[filled], color="#4c72b0", edgecolor="white",
+           label="accuracy of the bin")
+    ax.bar(centres[filled], confidence[filled] - accuracy[filled], bottom=accuracy[filled], width=width[filled],
+           color="#dd8452", alpha=0.45, edgecolor="#dd8452", label="gap to its mean confidence")
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
+    wrong = np.asarray(calibration.wrong_confidences, dtype=float)
+    ax.plot(wrong, np.full(len(wrong), 0.01), "|", color="#c44e52", ms=12, alpha=0.6,
+            label=f"a mistake's confidence ({len(wrong)})")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy",
+           title=f"{title}: ECE {100 * calibration.ece:.2f}% ({len(counts)} equal-width bins)")
+    ax.legend(loc="upper left", fontsize=8)
+    total = max(counts.sum(), 1.0)
+    ax_count.bar(centres, counts / total, width=width, color="#8c8c8c", edgecolor="white")
+    ax_count.set(xlabel="confidence (the top class's probability)", ylabel="share of images")
+    return fig
