@@ -133,7 +133,7 @@ def load_run(run_dir: str | Path, data_dir: str | Path | None = None, device: st
 
 
 # --- what each mistake resembles: nearest training images in the model's feature space ----------
-FEATURES = "features.npz"  # the cache of pooled features, in the run folder
+FEATURES = "features.npz"  # the cache of pooled features, in the run folder (run.DERIVED_FILES)
 
 
 @dataclass

@@ -57,6 +57,9 @@ from s11lib.utils.train_test import DivergedError, check_not_diverged, evaluate,
 OUTPUT_FILES = ("metrics.csv", "last.pt", "best.pt", "config.json", provenance.RUN_JSON, "misclassified.json",
                 "misclassified.png",
                 "gradcam.png", "gradcam.npz", "curves.png", "confusion.png", "test_predictions.npy")
+# What explore.ipynb adds to a finished run's folder from best.pt (s11lib/explore.py): a fresh start
+# removes them with the run's own files, so no analysis of another run's best.pt stays behind.
+DERIVED_FILES = ("cam_checks.json", "features.npz")
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
                   "ema_val_loss", "ema_val_acc", "ema_test_loss", "ema_test_acc", "seconds")
 
@@ -219,7 +222,7 @@ def _claim(out_dir: Path, config: Config, resumed: checkpoint.ResumePoint | None
     if resumed:
         checkpoint.repair_best(resumed, out_dir)
     else:
-        stale = [out_dir / name for name in OUTPUT_FILES if (out_dir / name).exists()]
+        stale = [out_dir / name for name in OUTPUT_FILES + DERIVED_FILES if (out_dir / name).exists()]
         for path in stale:  # a fresh start must not leave another run's best.pt or figures behind
             path.unlink()
         if stale and not config.resume:

@@ -195,6 +195,8 @@ def test_neighbours_are_those_of_a_plain_per_image_loop(copied_run, data_dir):
 
 
 def test_the_feature_cache_is_reused_until_best_pt_changes(copied_run, data_dir):
+    from s11lib.run import DERIVED_FILES
+    assert FEATURES in DERIVED_FILES  # a fresh start in the folder removes it (test_resume)
     first = feature_neighbours(copied_run, k=3, data_dir=data_dir, progress=False)
     with np.load(copied_run.run_dir / FEATURES) as stored:
         assert stored["train"].dtype == np.float16 and stored["test"].dtype == np.float16

@@ -318,6 +318,8 @@ def test_resume_false_starts_over_and_a_fresh_out_dir_touches_nothing_else(data_
     first, other = tmp_path / "first", tmp_path / "other"
     run(_config(data_dir, first, epochs=2))
     (first / "notes.txt").write_text("mine")
+    for derived in run_module.DERIVED_FILES:  # explore.ipynb's analysis of this best.pt
+        (first / derived).write_text("of the first run's best.pt")
     first_files = {p.name: p.read_bytes() for p in first.iterdir()}
 
     run(_config(data_dir, other, epochs=1))  # a fresh out_dir
@@ -327,6 +329,7 @@ def test_resume_false_starts_over_and_a_fresh_out_dir_touches_nothing_else(data_
     assert [r["epoch"] for r in restarted.rows] == [1]
     assert torch.load(first / "last.pt", weights_only=True)["epoch"] == 1
     assert (first / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
+    assert not any((first / derived).exists() for derived in run_module.DERIVED_FILES)
     same = torch.load(other / "last.pt", weights_only=True)["model"]  # same settings, same result
     _identical(torch.load(first / "last.pt", weights_only=True)["model"], same)
 
