@@ -55,8 +55,8 @@ from s11lib.utils.summary import epoch_table, model_summary
 from s11lib.utils.train_test import DivergedError, check_not_diverged, evaluate, format_eval, train_epoch
 
 OUTPUT_FILES = ("metrics.csv", "last.pt", "best.pt", "config.json", provenance.RUN_JSON, "misclassified.json",
-                "misclassified.png",
-                "gradcam.png", "gradcam.npz", "curves.png", "confusion.png", "test_predictions.npy")
+                "misclassified.png", "gradcam.png", "gradcam.npz", "curves.png", "confusion.png",
+                "test_predictions.npy")
 # What explore.ipynb adds to a finished run's folder from best.pt (s11lib/explore.py): a fresh start
 # removes them with the run's own files, so no analysis of another run's best.pt stays behind.
 DERIVED_FILES = ("cam_checks.json", "features.npz")
