@@ -125,7 +125,7 @@ def describe(swept: Sweep) -> str:
     warnings = provenance_warnings(swept.runs)
     if swept.runs and not warnings:
         made = swept.runs[0].provenance["segments"][0]
-        lines.append(f"  made by: commit {provenance.short(made.get('commit'), bool(made.get('dirty')))}, "
+        lines.append(f"  made by: commit {provenance.short(made)}, "
                      f"torch {made.get('torch')} (every run, every segment)")
     lines += [f"warning: {warning}" for warning in warnings]
     return "\n".join(lines)
@@ -142,7 +142,7 @@ def provenance_warnings(runs: list[SweptRun]) -> list[str]:
             unknown.append(run.name)
             continue
         for segment in run.provenance["segments"]:
-            commit = provenance.short(segment.get("commit"), bool(segment.get("dirty")))
+            commit = provenance.short(segment)
             for kind, value in (("commit", commit), ("torch", segment.get("torch"))):
                 names = seen[kind].setdefault(str(value), [])
                 if run.name not in names:

@@ -92,8 +92,11 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "CPU"
 
 
-def short(commit: str | None, dirty: bool = False) -> str:
-    return "not a git checkout" if commit is None else commit[:7] + ("-dirty" if dirty else "")
+def short(made: dict) -> str:
+    """The commit of `made` (run.json's `git`, or one of its segments) in 7 characters, "-dirty"
+    when its tree had changes; "not a git checkout" when it has none."""
+    commit = made.get("commit")
+    return NOT_A_CHECKOUT if commit is None else commit[:7] + ("-dirty" if made.get("dirty") else "")
 
 
 class Record:
@@ -124,9 +127,9 @@ class Record:
             segments, notes = list(old.get("segments", [])), list(old.get("notes", []))
             first = segments[0] if segments else None
             if first and (first.get("commit"), first.get("torch")) != (segment["commit"], segment["torch"]):
-                note = (f"segment {len(segments) + 1} runs commit {short(segment['commit'], bool(segment['dirty']))} "
+                note = (f"segment {len(segments) + 1} runs commit {short(segment)} "
                         f"with torch {segment['torch']}; the run began with commit "
-                        f"{short(first.get('commit'), bool(first.get('dirty')))} and torch {first.get('torch')}")
+                        f"{short(first)} and torch {first.get('torch')}")
                 notes.append(note)
                 say(f"note: {note}")
         record = cls(out_dir, {**current, "segments": [*segments, segment], "notes": notes})
@@ -150,8 +153,8 @@ class Record:
         self.segment["end"] = now()
         self.save()
 
-    def save(self, state: dict | None = None) -> None:
-        atomic.save_json(self.state if state is None else state, self.path)
+    def save(self) -> None:
+        atomic.save_json(self.state, self.path)
 
 
 def _read(path: Path) -> dict | None:
@@ -173,7 +176,7 @@ def describe(state: dict | None) -> str:
         return "made by: not recorded (no run.json: the run began before s11lib wrote one)"
     git, device, found = state["git"], state["device"], state["versions"]
     segments = state["segments"]
-    code = f"s11lib {state['s11lib']}, commit {short(git.get('commit'), bool(git.get('dirty')))}"
+    code = f"s11lib {state['s11lib']}, commit {short(git)}"
     lines = [f"made by: {code}; torch {found['torch']}, torchvision {found['torchvision']}, "
              f"Python {found['python']}",
              f"on: {device['name']}" + (f" (compute capability {'.'.join(map(str, device['capability']))}, "
@@ -187,6 +190,6 @@ def describe(state: dict | None) -> str:
                   else "no epoch completed")
         end = s.get("end") or "not recorded (stopped or killed)"
         lines.append(f"  {i}. {epochs}, {s['start']} to {end}, on {s['host']}, commit "
-                     f"{short(s.get('commit'), bool(s.get('dirty')))}, torch {s['torch']}")
+                     f"{short(s)}, torch {s['torch']}")
     lines += [f"note: {note}" for note in state.get("notes", [])]
     return "\n".join(lines)

@@ -242,7 +242,7 @@ def _made_by(run_dir: Path) -> dict:
     state = provenance.read(run_dir)
     if state is None:
         return dict.fromkeys(PROVENANCE_COLUMNS)
-    commits = list(dict.fromkeys(provenance.short(s.get("commit"), bool(s.get("dirty"))) for s in state["segments"]))
+    commits = list(dict.fromkeys(provenance.short(s) for s in state["segments"]))
     return {"commit": "+".join(commits) or None, "device": state["device"]["name"]}
 
 

@@ -76,7 +76,7 @@ def test_outside_a_git_checkout_or_without_git_it_says_so(tmp_path, monkeypatch)
     assert provenance.git_state() == {"commit": None, "note": "not a git checkout"}
     monkeypatch.setenv("PATH", str(tmp_path))  # no git at all: the same, and no error
     assert provenance.git_state() == {"commit": None, "note": "not a git checkout"}
-    assert provenance.short(None) == "not a git checkout"
+    assert provenance.short({"commit": None}) == "not a git checkout"
 
 
 def test_a_segment_with_another_torch_says_so_in_one_line_and_in_run_json(data_dir, tmp_path, monkeypatch, capsys):
@@ -87,8 +87,8 @@ def test_a_segment_with_another_torch_says_so_in_one_line_and_in_run_json(data_d
     monkeypatch.setattr(provenance, "versions", lambda: {**real(), "torch": "9.9.9"})
     run(_config(data_dir, tmp_path, epochs=2))
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: segment")]
-    expected = (f"segment 2 runs commit {provenance.short(began['commit'], bool(began['dirty']))} with torch 9.9.9; "
-                f"the run began with commit {provenance.short(began['commit'], bool(began['dirty']))} "
+    expected = (f"segment 2 runs commit {provenance.short(began)} with torch 9.9.9; "
+                f"the run began with commit {provenance.short(began)} "
                 f"and torch {torch.__version__}")
     assert notes == [f"note: {expected}"]
     state = provenance.read(tmp_path)

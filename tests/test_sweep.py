@@ -221,7 +221,7 @@ def test_summary_has_a_row_per_run_from_its_files(swept):
         assert row["seconds"] == pytest.approx(sum(r["seconds"] for r in metrics), abs=0.051)
         assert json.loads((run_dir / sweep.FINISHED).read_text())["parameters"]["out_dir"] == str(run_dir)
         made = provenance.read(run_dir)  # every segment's commit, joined; the device's name
-        commits = dict.fromkeys(provenance.short(s["commit"], bool(s.get("dirty"))) for s in made["segments"])
+        commits = dict.fromkeys(provenance.short(s) for s in made["segments"])
         assert row["commit"] == "+".join(commits) and row["device"] == made["device"]["name"]
     assert json.loads((swept.folder / "sweep.json").read_text())["runs"] == [r["run"] for r in rows]
 
