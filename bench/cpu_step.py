@@ -10,25 +10,18 @@ is how the reference run's --compile true was chosen (results/cpu-reference/READ
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import types
-from pathlib import Path
 
 import torch
 
 from s11lib.device import onednn_nhwc_hazards
 from s11lib.models import resnet18
 
+import gpu_report  # bench/gpu_report.py: bench/ is sys.path[0] for a script
+
 CONFIGURATIONS = (("contiguous", "eager"), ("channels_last", "eager"), ("contiguous", "compiled"),
                   ("channels_last", "compiled"))
-
-
-def _load_gpu_report():
-    spec = importlib.util.spec_from_file_location("gpu_report", Path(__file__).with_name("gpu_report.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main(argv=None) -> int:
@@ -44,14 +37,13 @@ def main(argv=None) -> int:
                      "use --width 16 or more")
     bench_args = types.SimpleNamespace(width=args.width, batch_size=args.batch_size, steps=args.steps,
                                        compile_backend=args.compile_backend)
-    report = _load_gpu_report()
     cpu = torch.device("cpu")
     print(f"ResNet18 width {args.width}, batch {args.batch_size}, fp32, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; {args.repeats} x {args.steps} steps after one warm-up step")
     print("| layout | mode | s/step (each repeat) | speed-up |\n|---|---|---|---:|")
     base = None
     for layout, mode in CONFIGURATIONS:
-        bench = report.Bench(bench_args, cpu, "off", layout, mode)
+        bench = gpu_report.Bench(bench_args, cpu, "off", layout, mode)
         bench.epoch(1)  # the compile, for the compiled ones
         times = [bench.epoch(args.steps) / args.steps for _ in range(args.repeats)]
         best = min(times)

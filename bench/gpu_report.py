@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import platform
 import statistics
 import sys
@@ -46,21 +45,14 @@ from s11lib.optim import make_optimizer, make_scheduler
 from s11lib.transforms import train_transforms
 from s11lib.utils.train_test import train_epoch
 
+import pipelines  # bench/pipelines.py, the standard pipeline and s11lib's: bench/ is sys.path[0] for a script
+
 PRECISIONS = ("off", "tf32", "bf16", "fp16")  # tf32: measured only on CUDA 8.0 and above
 LAYOUTS = ("contiguous", "channels_last")
 MODES = ("eager", "compiled")
 CSV_COLUMNS = ("precision", "layout", "mode", "step_ms", "images_per_s", "compile_s", "syncs_per_step")
 
 
-def _load_pipelines():
-    """bench/pipelines.py (the standard pipeline and s11lib's), loaded from beside this file."""
-    spec = importlib.util.spec_from_file_location("pipelines", Path(__file__).with_name("pipelines.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-pipelines = _load_pipelines()
 sync = pipelines.sync
 
 

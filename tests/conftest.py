@@ -7,9 +7,10 @@ pytest run says so: nothing is skipped silently.
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import pickle
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,12 +122,16 @@ def write_cifar_layout(root: Path, train_per_batch: int = SYNTHETIC_TRAIN_PER_BA
     return root
 
 
+BENCH = Path(__file__).parents[1] / "bench"
+
+
 def load_bench(name: str):
-    """bench/NAME.py as a module (bench/ is scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """bench/NAME.py as a module. bench/ is scripts, not a package: a script finds its neighbours
+    (`import pipelines`) because Python puts the script's folder first on sys.path, so the tests
+    put it there too."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module(name)
 
 
 def fake_cuda(monkeypatch, count: int, capability: tuple[int, int], arch_list: list[str], name: str) -> None:
