@@ -1,8 +1,11 @@
-"""A torchsummary-style model table: each leaf layer, its output shape and parameter count."""
+"""Tables of a model and a run: the torchsummary-style layer table, the closing epoch table and
+the per-epoch log in the original assignment's format."""
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from s11lib.utils.train_test import EpochResult, format_eval
 
 
 def model_summary(model: nn.Module, input_size=(3, 32, 32), device: torch.device | str = "cpu") -> str:
@@ -55,4 +58,19 @@ def epoch_table(rows: list[dict]) -> str:
                 f" {r['ema_test_acc']:8.2f}"
         lines.append(f"{r['epoch']:>5} {r['lr']:>9.2e} {r['train_loss']:>10.4f} {r['train_acc']:>9.2f} {val} "
                      f"{r['test_loss']:>9.4f} {r['test_acc']:>8.2f}{avg} {r['seconds']:>7.1f}")
+    return "\n".join(lines)
+
+
+def assignment_log(rows: list[dict], test_images: int) -> str:
+    """metrics.csv as the original assignment's per-epoch log: `EPOCH: n`, the epoch's training
+    loss and accuracy (its mean over the epoch's steps, as the progress bar ends it), and the test
+    line as the run printed it (`format_eval`). The test counts come back from metrics.csv's
+    percentages, rounded to 4 decimals: exact for up to 100,000 images."""
+    lines = []
+    for r in rows:
+        correct = round(r["test_acc"] * test_images / 100)
+        lines += [f"EPOCH: {r['epoch']}",
+                  f"Train: Average loss: {r['train_loss']:.4f}, Accuracy: {r['train_acc']:.2f}% "
+                  f"(lr {r['lr']:.4g}, {r['seconds']:.0f} s)",
+                  format_eval("Test", EpochResult(r["test_loss"], correct, test_images))]
     return "\n".join(lines)

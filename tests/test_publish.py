@@ -1,0 +1,128 @@
+"""scripts/publish_run.py: a finished run's files into results/, checked; its pictures into images/."""
+from __future__ import annotations
+
+import base64
+import runpy
+import shutil
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+
+from s11lib.run import read_metrics, write_metrics
+from s11lib.utils.summary import assignment_log
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "publish_run.py"
+
+
+@pytest.fixture(scope="module")
+def publish_run():
+    return runpy.run_path(str(SCRIPT))
+
+
+@pytest.fixture
+def run_copy(learned_run, tmp_path) -> Path:
+    """The learned run's folder, copied so that a test may break it."""
+    return Path(shutil.copytree(learned_run.out_dir, tmp_path / "run"))
+
+
+def test_publish_copies_the_small_files_and_the_log_in_the_assignments_format(publish_run, run_copy, data_dir,
+                                                                               tmp_path, learned_run):
+    log = tmp_path / "console.log"
+    log.write_text("the run's console\n")
+    said = publish_run["publish"](run_copy, tmp_path / "results", str(data_dir), log=log)
+    results = tmp_path / "results"
+    assert sorted(p.name for p in results.iterdir()) == sorted(
+        ["metrics.csv", "config.json", "run.json", "misclassified.json", "gradcam.npz", "test_predictions.npy",
+         "run.log", "epochs-log.txt"])
+    assert not list(results.glob("*.pt"))
+    assert np.array_equal(np.load(results / "test_predictions.npy"), learned_run.test_predictions)
+    assert (results / "run.log").read_text() == "the run's console\n"
+    lines = (results / "epochs-log.txt").read_text().splitlines()
+    assert lines[0::3] == [f"EPOCH: {r['epoch']}" for r in learned_run.rows]
+    right = int((learned_run.test_predictions == _labels(data_dir, learned_run)).sum())
+    best = learned_run.rows[learned_run.best_epoch - 1]
+    assert lines[3 * learned_run.best_epoch - 1].startswith(f"Test set: Average loss: {best['test_loss']:.4f}, "
+                                                            f"Accuracy: {right}/{len(learned_run.test_predictions)} ")
+    assert any("as misclassified.json says" in line for line in said)
+
+
+def _labels(data_dir, learned_run):
+    from s11lib.loaders import load_cifar10
+
+    _, labels = load_cifar10(data_dir, train=False)
+    return labels[: len(learned_run.test_predictions)].numpy()
+
+
+def test_predictions_that_miss_misclassified_jsons_accuracy_are_refused_before_anything_is_written(
+        publish_run, run_copy, data_dir, tmp_path, learned_run):
+    # One right answer made wrong: within load_run's tolerance for a flipped near tie, so only the
+    # exact check sees it.
+    predictions = np.load(run_copy / "test_predictions.npy")
+    right = np.flatnonzero(predictions == _labels(data_dir, learned_run))[0]
+    predictions[right] = (predictions[right] + 1) % 10
+    np.save(run_copy / "test_predictions.npy", predictions)
+    with pytest.raises(publish_run["PublishError"], match=r"scores .*%.* misclassified.json says"):
+        publish_run["publish"](run_copy, tmp_path / "results", str(data_dir))
+    assert not (tmp_path / "results").exists()
+
+
+def test_an_unfinished_run_is_refused_in_one_line(publish_run, run_copy, data_dir, tmp_path, capsys, learned_run):
+    epochs = len(learned_run.rows)
+    write_metrics(read_metrics(run_copy / "metrics.csv")[:-1], run_copy / "metrics.csv")
+    assert publish_run["main"]([str(run_copy), str(tmp_path / "results"), "--data-dir", str(data_dir)]) == 1
+    error = capsys.readouterr().err
+    assert error == f"publish_run: {run_copy} has trained {epochs - 1} of its {epochs} epochs; finish it first\n"
+    assert not (tmp_path / "results").exists()
+
+
+def test_the_assignment_log_gives_back_the_runs_own_test_line():
+    """Epoch 5 of the CPU reference run: the line its log printed (results/cpu-reference/run-log-epochs.txt)."""
+    row = dict(epoch=5, lr=0.4, train_loss=1.747051, train_acc=36.7345, test_loss=1.568637, test_acc=42.94,
+               seconds=614.159)
+    assert assignment_log([row], 10000).splitlines() == [
+        "EPOCH: 5", "Train: Average loss: 1.7471, Accuracy: 36.73% (lr 0.4, 614 s)",
+        "Test set: Average loss: 1.5686, Accuracy: 4294/10000 (42.94%)"]
+
+
+def _png(n: int) -> str:
+    return base64.b64encode(b"\x89PNG fake %d" % n).decode()
+
+
+def _executed_explore(pictures_per_cell: dict[str, int]) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    count = 0
+    for source, shown in pictures_per_cell.items():
+        cell = nbformat.v4.new_code_cell(source)
+        for _ in range(shown):
+            count += 1
+            cell.outputs.append(nbformat.v4.new_output("display_data", data={"image/png": _png(count)}))
+        nb.cells.append(cell)
+    return nb
+
+
+def test_the_notebooks_pictures_are_found_by_the_cell_that_draws_them(publish_run, tmp_path):
+    cells = {"print(1)": 0, "show_figure(plot_reliability(calibrated))": 1,
+             "show_figure(neighbour_figure(finished, near))": 1,
+             "show_figure(cam_checks.plot_randomization(sanity))\nshow_figure(maps)": 2,
+             "show_figure(cam_checks.plot_deletion_insertion(curves))": 1}
+    path = tmp_path / "explore.ipynb"
+    nbformat.write(_executed_explore(cells), path)
+    found = publish_run["notebook_pictures"](path)
+    assert found == {"reliability.png": b"\x89PNG fake 1", "neighbours.png": b"\x89PNG fake 2",
+                     "cam-sanity.png": b"\x89PNG fake 3", "cam-sanity-maps.png": b"\x89PNG fake 4",
+                     "cam-deletion-insertion.png": b"\x89PNG fake 5"}
+    cells["show_figure(neighbour_figure(finished, near))"] = 0  # neighbours=False
+    nbformat.write(_executed_explore(cells), path)
+    with pytest.raises(publish_run["PublishError"], match="neighbour_figure shows 0 pictures, not 1"):
+        publish_run["notebook_pictures"](path)
+
+
+def test_the_real_explore_notebook_gives_every_picture(publish_run, run_copy, data_dir, tmp_path):
+    said = publish_run["publish"](run_copy, tmp_path / "results", str(data_dir), images=tmp_path / "images")
+    names = sorted(p.name for p in (tmp_path / "images").iterdir())
+    assert names == sorted(["misclassified.png", "gradcam.png", "curves.png", "confusion.png", "reliability.png",
+                            "neighbours.png", "cam-sanity.png", "cam-sanity-maps.png", "cam-deletion-insertion.png"])
+    assert all((tmp_path / "images" / name).read_bytes().startswith(b"\x89PNG") for name in names)
+    assert (run_copy / "explore.ipynb").is_file() and any("explore.ipynb" in line for line in said)
