@@ -110,24 +110,33 @@ def run_explore(run_dir: Path, data_dir: str, device: str) -> Path:
     import papermill as pm  # only here: the checks and the copies need no notebook machinery
 
     executed = run_dir / "explore.ipynb"
-    pm.execute_notebook(str(ROOT / "notebooks" / "explore.ipynb"), str(executed), progress_bar=False,
+    print(f"executing notebooks/explore.ipynb on {run_dir} (a full-width run's features of its training "
+          "images take minutes on a CPU); a bar per cell:", flush=True)
+    pm.execute_notebook(str(ROOT / "notebooks" / "explore.ipynb"), str(executed), progress_bar=True,
                         parameters=dict(run_dir=str(run_dir), data_dir=data_dir, device=device))
     return executed
 
 
 def publish(run_dir: Path, results: Path, data_dir: str, log: Path | None = None, images: Path | None = None,
-            device: str = "cpu") -> list[str]:
-    """Check the run, then copy and write; returns a line per thing done."""
+            device: str = "cpu", say=print) -> list[str]:
+    """Check the run, then copy and write; says a line per thing done as it is done, and returns them."""
+    said = []
+
+    def done(line: str) -> None:
+        said.append(line)
+        say(line)
+
     config = check_finished(run_dir)
     data_dir = str(data_dir or config.data_dir)
     if log is not None and not log.is_file():
         raise PublishError(f"--log {log}: no such file")
     load_run(run_dir, data_dir, device)  # best.pt re-predicts the test set; raises if it disagrees
-    said = [f"best.pt agrees with test_predictions.npy ({run_dir})", check_predictions(run_dir, config, data_dir)]
+    done(f"best.pt agrees with test_predictions.npy ({run_dir})")
+    done(check_predictions(run_dir, config, data_dir))
     pictures = {}
     if images is not None:
         pictures = notebook_pictures(run_explore(run_dir, data_dir, device))
-        said.append(f"executed notebooks/explore.ipynb into {run_dir / 'explore.ipynb'}")
+        done(f"executed notebooks/explore.ipynb into {run_dir / 'explore.ipynb'}")
     results.mkdir(parents=True, exist_ok=True)
     names = list(RESULT_FILES) + [name for name in OPTIONAL_FILES if (run_dir / name).is_file()]
     for name in names:
@@ -138,7 +147,7 @@ def publish(run_dir: Path, results: Path, data_dir: str, log: Path | None = None
     with atomic.atomic_open(results / "epochs-log.txt", "w") as f:
         f.write(assignment_log(read_metrics(run_dir / "metrics.csv"), len(np.load(run_dir / "test_predictions.npy")))
                 + "\n")
-    said.append(f"wrote {', '.join(names + ['epochs-log.txt'])} to {results}")
+    done(f"wrote {', '.join(names + ['epochs-log.txt'])} to {results}")
     if images is not None:
         images.mkdir(parents=True, exist_ok=True)
         for name in RUN_PICTURES:
@@ -146,7 +155,7 @@ def publish(run_dir: Path, results: Path, data_dir: str, log: Path | None = None
         for name, png in pictures.items():
             with atomic.atomic_open(images / name, "wb") as f:
                 f.write(png)
-        said.append(f"wrote {', '.join(list(RUN_PICTURES) + list(pictures))} to {images}")
+        done(f"wrote {', '.join(list(RUN_PICTURES) + list(pictures))} to {images}")
     return said
 
 
@@ -160,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="for best.pt's predictions and explore.ipynb")
     args = parser.parse_args(argv)
     try:
-        for line in publish(args.run_dir, args.results, args.data_dir, args.log, args.images, args.device):
-            print(line)
+        publish(args.run_dir, args.results, args.data_dir, args.log, args.images, args.device)
     except (PublishError, ValueError) as error:
         print(f"publish_run: {error}", file=sys.stderr)
         return 1
