@@ -51,8 +51,9 @@ class PublishError(Exception):
     """A run that cannot be published as it is: the message says why, in one line."""
 
 
-def check_finished(run_dir: Path) -> Config:
-    missing = [name for name in RESULT_FILES + ("best.pt",) if not (run_dir / name).is_file()]
+def check_finished(run_dir: Path, pictures: bool = False) -> Config:
+    needed = RESULT_FILES + ("best.pt",) + (RUN_PICTURES if pictures else ())
+    missing = [name for name in needed if not (run_dir / name).is_file()]
     if missing:
         raise PublishError(f"{run_dir} is not a finished run: no {', '.join(missing)}")
     config = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
@@ -126,7 +127,7 @@ def publish(run_dir: Path, results: Path, data_dir: str, log: Path | None = None
         said.append(line)
         say(line)
 
-    config = check_finished(run_dir)
+    config = check_finished(run_dir, pictures=images is not None)
     data_dir = str(data_dir or config.data_dir)
     if log is not None and not log.is_file():
         raise PublishError(f"--log {log}: no such file")

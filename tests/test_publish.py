@@ -77,6 +77,14 @@ def test_an_unfinished_run_is_refused_in_one_line(publish_run, run_copy, data_di
     assert not (tmp_path / "results").exists()
 
 
+def test_a_run_without_its_pictures_is_refused_before_anything_is_written_when_they_are_asked_for(
+        publish_run, run_copy, data_dir, tmp_path):
+    (run_copy / "gradcam.png").unlink()
+    with pytest.raises(publish_run["PublishError"], match="is not a finished run: no gradcam.png"):
+        publish_run["publish"](run_copy, tmp_path / "results", str(data_dir), images=tmp_path / "images")
+    assert not (tmp_path / "results").exists() and not (tmp_path / "images").exists()
+
+
 def test_the_assignment_log_gives_back_the_runs_own_test_line():
     """Epoch 5 of the CPU reference run: the line its log printed (results/cpu-reference/run-log-epochs.txt)."""
     row = dict(epoch=5, lr=0.4, train_loss=1.747051, train_acc=36.7345, test_loss=1.568637, test_acc=42.94,
