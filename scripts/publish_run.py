@@ -31,7 +31,6 @@ import numpy as np
 
 from s11lib.config import Config
 from s11lib.explore import load_run
-from s11lib.loaders import load_cifar10
 from s11lib.run import read_metrics
 from s11lib.utils import atomic
 from s11lib.utils.summary import assignment_log
@@ -63,13 +62,12 @@ def check_finished(run_dir: Path, pictures: bool = False) -> Config:
     return config
 
 
-def check_predictions(run_dir: Path, config: Config, data_dir: str) -> str:
-    """The checks the module's docstring lists that need only the files; returns what they found."""
+def check_predictions(run_dir: Path, labels: np.ndarray) -> str:
+    """The checks the module's docstring lists on the stored files, against the test labels the
+    run used (`load_run`'s); returns what they found."""
     predictions = np.load(run_dir / "test_predictions.npy")
-    _, labels = load_cifar10(data_dir, train=False, download=False)
-    labels = labels[: config.test_subset].numpy() if config.test_subset is not None else labels.numpy()
     if len(predictions) != len(labels):
-        raise PublishError(f"{len(predictions)} test predictions for {len(labels)} test images in {data_dir}")
+        raise PublishError(f"{len(predictions)} test predictions for {len(labels)} test images")
     told = json.loads((run_dir / "misclassified.json").read_text())
     correct = int((predictions == labels).sum())
     accuracy = round(100 * correct / len(labels), 4)
@@ -131,9 +129,9 @@ def publish(run_dir: Path, results: Path, data_dir: str, log: Path | None = None
     data_dir = str(data_dir or config.data_dir)
     if log is not None and not log.is_file():
         raise PublishError(f"--log {log}: no such file")
-    load_run(run_dir, data_dir, device)  # best.pt re-predicts the test set; raises if it disagrees
+    finished = load_run(run_dir, data_dir, device)  # best.pt re-predicts the test set; raises if it disagrees
     done(f"best.pt agrees with test_predictions.npy ({run_dir})")
-    done(check_predictions(run_dir, config, data_dir))
+    done(check_predictions(run_dir, finished.labels.numpy()))
     pictures = {}
     if images is not None:
         pictures = notebook_pictures(run_explore(run_dir, data_dir, device))
@@ -146,8 +144,7 @@ def publish(run_dir: Path, results: Path, data_dir: str, log: Path | None = None
         copy_atomically(log, results / "run.log")
         names.append("run.log")
     with atomic.atomic_open(results / "epochs-log.txt", "w") as f:
-        f.write(assignment_log(read_metrics(run_dir / "metrics.csv"), len(np.load(run_dir / "test_predictions.npy")))
-                + "\n")
+        f.write(assignment_log(finished.rows, len(finished.labels)) + "\n")
     done(f"wrote {', '.join(names + ['epochs-log.txt'])} to {results}")
     if images is not None:
         images.mkdir(parents=True, exist_ok=True)
