@@ -14,6 +14,7 @@ a sweep of tiny runs (SWEEP_GRID) in S11_NBVAL_SWEEP_DIR, made here first.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -65,8 +66,18 @@ def parameters_cell(name: str) -> nbformat.NotebookNode:
     return cell
 
 
+def shipped(name: str) -> nbformat.NotebookNode:
+    """notebooks/NAME.ipynb as shipped: train.ipynb stored with a published run's outputs
+    (scripts/publish_run.py) without them and without the note on where they come from."""
+    import runpy
+
+    nb = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())
+    nb = runpy.run_path(str(ROOT / "scripts" / "publish_run.py"))["without_stored_outputs"](nb)
+    return nbformat.reads(json.dumps(nb), as_version=4)
+
+
 def with_parameters(name: str) -> nbformat.NotebookNode:
-    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    nb = shipped(name)
     position = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     nb.cells.insert(position + 1, parameters_cell(name))
     return nb

@@ -31,6 +31,13 @@ NOTEBOOKS = ("train", "explore", "compare")
 REFRESH = "S11_CIFAR10_DIR=../shared/datasets/cifar10 .venv/bin/python tests/refresh_notebooks.py"
 
 
+@pytest.fixture(scope="module")
+def publish_run():
+    import runpy
+
+    return runpy.run_path(str(ROOT / "scripts" / "publish_run.py"))
+
+
 def _parameters_cell() -> dict:
     cells = json.loads(NOTEBOOK.read_text())["cells"]
     tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
@@ -48,10 +55,24 @@ def test_train_parameters_are_the_config_defaults():
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebooks_are_stored_without_outputs(name):
+def test_notebooks_are_stored_without_outputs_or_with_a_published_runs(name, publish_run):
+    """A shipped notebook has no outputs, except train.ipynb as scripts/publish_run.py stores it:
+    its first cell names the run, and what it shows is that run's (the results and images it names)."""
     nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
     nbformat.validate(nb)
-    assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
+    note = nb.cells[0] if publish_run["STORED_OUTPUTS"] in nb.cells[0].metadata.get("tags", []) else None
+    if name != "train" or note is None:
+        assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
+        assert note is None, "only train.ipynb is stored with outputs"
+        return
+    assert not [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])], \
+        "papermill's injected-parameters cell must not be kept: Colab would run it"
+    assert all(c.get("outputs") for c in nb.cells if c.cell_type == "code" and not c.source.startswith("# Colab only")
+               and "parameters" not in c.metadata.get("tags", [])), "every output of the run is stored"
+    results, images = (ROOT / note.metadata["s11lib"][key] for key in ("results", "images"))
+    assert f"]({Path('..') / note.metadata['s11lib']['results'] / 'README.md'})" in note.source
+    publish_run["check_train_outputs"](nb, {n: (images / n).read_bytes() for n in publish_run["RUN_PICTURES"]},
+                                       read_metrics(results / "metrics.csv"))
 
 
 def test_explore_parameters_are_literals():
@@ -69,7 +90,7 @@ def test_stored_outputs_are_from_the_current_notebook(name):
     """nbval compares outputs with tests/notebooks/NAME.ipynb; this fails when the notebook changed since."""
     import refresh_notebooks
 
-    source = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    source = refresh_notebooks.shipped(name)
     reference = nbformat.read(ROOT / "tests" / "notebooks" / f"{name}.ipynb", as_version=4)
     injected = [c for c in reference.cells if "injected-parameters" in c.metadata.get("tags", [])]
     kept = [c for c in reference.cells if c not in injected]

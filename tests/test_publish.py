@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import runpy
 import shutil
 from pathlib import Path
@@ -127,10 +128,52 @@ def test_the_notebooks_pictures_are_found_by_the_cell_that_draws_them(publish_ru
         publish_run["notebook_pictures"](path)
 
 
-def test_the_real_explore_notebook_gives_every_picture(publish_run, run_copy, data_dir, tmp_path):
-    said = publish_run["publish"](run_copy, tmp_path / "results", str(data_dir), images=tmp_path / "images")
+def test_the_real_notebooks_give_every_picture_and_train_ipynb_is_stored_with_the_runs_outputs(
+        publish_run, run_copy, data_dir, tmp_path, learned_run):
+    config_before = json.loads((run_copy / "config.json").read_text())
+    notebook = tmp_path / "notebooks" / "train.ipynb"
+    notebook.parent.mkdir()
+    said = publish_run["publish"](run_copy, tmp_path / "results", str(data_dir), images=tmp_path / "images",
+                                  notebook=notebook)
     names = sorted(p.name for p in (tmp_path / "images").iterdir())
     assert names == sorted(["misclassified.png", "gradcam.png", "curves.png", "confusion.png", "reliability.png",
                             "neighbours.png", "cam-sanity.png", "cam-sanity-maps.png", "cam-deletion-insertion.png"])
     assert all((tmp_path / "images" / name).read_bytes().startswith(b"\x89PNG") for name in names)
     assert (run_copy / "explore.ipynb").is_file() and any("explore.ipynb" in line for line in said)
+
+    # train.ipynb ran on the finished run without training it: the same epochs, predictions and settings.
+    assert read_metrics(run_copy / "metrics.csv") == read_metrics(learned_run.out_dir / "metrics.csv")
+    assert np.array_equal(np.load(tmp_path / "results" / "test_predictions.npy"), learned_run.test_predictions)
+    assert json.loads((run_copy / "config.json").read_text()) == {**config_before, "out_dir": str(run_copy.resolve())}
+    stored = nbformat.read(notebook, as_version=4)
+    nbformat.validate(stored)
+    note, *cells = stored.cells
+    assert note.metadata["tags"] == [publish_run["STORED_OUTPUTS"]]
+    assert note.metadata["s11lib"] == {"results": str((tmp_path / "results").resolve()),
+                                       "images": str((tmp_path / "images").resolve())}
+    assert "](../results/README.md)" in note.source and f"`out_dir={str(run_copy.resolve())!r}`" in note.source
+    assert "`progress=False`" in note.source and "`download=False`" in note.source
+    assert not [c for c in cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert "papermill" not in stored.metadata and not any("papermill" in c.metadata for c in cells)
+    shipped = publish_run["without_stored_outputs"](json.loads(publish_run["TRAIN_NOTEBOOK"].read_text()))
+    assert [c.source for c in cells] == [c.source for c in nbformat.reads(json.dumps(shipped), as_version=4).cells]
+    (ran,) = [c for c in cells if c.source == "result = run(config)"]
+    run_output = "".join(o.get("text", "") for o in ran.outputs)
+    assert f"{len(learned_run.rows)} of {len(learned_run.rows)} epochs done" in run_output
+
+    # The check that the stored outputs are the run's can fail: a picture or a row that differs.
+    pictures = {n: (tmp_path / "images" / n).read_bytes() for n in publish_run["RUN_PICTURES"]}
+    publish_run["check_train_outputs"](stored, pictures, read_metrics(tmp_path / "results" / "metrics.csv"))
+    with pytest.raises(publish_run["PublishError"], match="pictures for gradcam.png, not the run's one"):
+        publish_run["check_train_outputs"](stored, {**pictures, "gradcam.png": pictures["curves.png"]},
+                                           learned_run.rows)
+    rows = [dict(r) for r in learned_run.rows]
+    rows[-1]["test_acc"] += 1
+    with pytest.raises(publish_run["PublishError"], match="epoch table is not metrics.csv's"):
+        publish_run["check_train_outputs"](stored, pictures, rows)
+
+
+def test_the_notebook_is_only_stored_with_the_images_it_shows(publish_run, run_copy, data_dir, tmp_path):
+    with pytest.raises(publish_run["PublishError"], match="--notebook needs --images"):
+        publish_run["publish"](run_copy, tmp_path / "results", str(data_dir), notebook=tmp_path / "train.ipynb")
+    assert not (tmp_path / "results").exists() and not (tmp_path / "train.ipynb").exists()
