@@ -20,6 +20,7 @@ TF32 itself (`Precision.apply`): off, except with `amp="tf32"`, which asks for i
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -189,3 +190,22 @@ def safe_layout(model: torch.nn.Module, device: torch.device, channels_last: boo
             f"stride-2 convolutions in NHWC with under {ONEDNN_NHWC_MIN_CHANNELS} input channels "
             f"({', '.join(hazards)}; uxlfoundation/oneDNN#6035); width >= {ONEDNN_NHWC_MIN_CHANNELS} avoids it")
     return CpuLayout(False, False, note)
+
+
+_NO_CUDA_RUNTIME = "No CUDA runtime is found"
+
+
+class _NoCudaRuntimeNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_NO_CUDA_RUNTIME)
+
+
+def quiet_cuda_home_note() -> None:
+    """Drop torch's "No CUDA runtime is found, using CUDA_HOME=..." line, and only that one.
+
+    torch.compile imports torch.utils.cpp_extension, which logs it on any machine that has a CUDA
+    toolkit and no usable GPU (a Colab CPU runtime, our CI): PyPI's torch is a CUDA build. For a
+    run on the CPU it says nothing, and users read it as an error. Idempotent."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _NoCudaRuntimeNote) for f in logger.filters):
+        logger.addFilter(_NoCudaRuntimeNote())

@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from s11lib import checkpoint, distributed, provenance
 from s11lib.config import LR_REFERENCE_BATCH, Config, field_help
 from s11lib.constants import CLASSES, NUM_CLASSES
-from s11lib.device import Precision, resolve_precision, safe_layout
+from s11lib.device import Precision, quiet_cuda_home_note, resolve_precision, safe_layout
 from s11lib.distributed import Ranks
 from s11lib.loaders import Loaders, build_loaders
 from s11lib.models import resnet18
@@ -262,6 +262,8 @@ def _train(model, data: Loaders, optimizer, scheduler, scaler, warmup: Warmup, a
     amp_dtype = precision.dtype
     # dynamic=None: the first shape compiles static; evaluation's smaller last batch compiles once
     # more with a dynamic batch size, which then serves every split's last batch, every epoch.
+    if config.compile:
+        quiet_cuda_home_note()
     step_model = torch.compile(model) if config.compile else model
     train_model = step_model
     reduce = None

@@ -107,3 +107,32 @@ def test_a_run_on_an_unsupported_gpu_stops_before_writing(p100, name, small_data
         run(Config(data_dir=str(small_data), out_dir=str(out_dir), download=False, device=name, width=4, epochs=1,
                    val_size=0, progress=False))
     assert not out_dir.exists()
+
+
+_IMPORT_CPP_EXTENSION = """
+import sys
+import torch
+assert "torch.utils.cpp_extension" not in sys.modules
+if sys.argv[1] == "quiet":
+    from s11lib.device import quiet_cuda_home_note
+    quiet_cuda_home_note()
+    quiet_cuda_home_note()  # twice: one filter
+import logging
+import torch.utils.cpp_extension  # what torch.compile imports; it logs the line as it is imported
+logging.getLogger("torch.utils.cpp_extension").warning("another warning stays")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the line is only logged where no CUDA runtime is usable")
+@pytest.mark.parametrize("quiet", [False, True])
+def test_the_no_cuda_runtime_line_is_dropped_and_only_it(quiet, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CUDA_HOME": str(tmp_path)}  # a toolkit found: what makes torch log the line
+    done = subprocess.run([sys.executable, "-c", _IMPORT_CPP_EXTENSION, "quiet" if quiet else "loud"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert ("No CUDA runtime is found" in done.stderr) is not quiet
+    assert "another warning stays" in done.stderr
