@@ -199,12 +199,13 @@ def stored_train_notebook(executed: Path, changed: dict, results: Path, images: 
         cell.metadata.pop("execution", None)
     link = os.path.relpath(results / "README.md", notebook.resolve().parent).replace(os.sep, "/")
     settings = ", ".join(f"`{k}={v!r}`" for k, v in changed.items())
+    # Worded to stay true in a copy that someone executes (papermill, Colab): it keeps this cell.
     note = nbformat.v4.new_markdown_cell(
-        f"**The outputs stored in this file come from the finished run in [{results.name}]({link})**: this "
-        f"notebook executed once on it (it resumes at its last epoch and only explains it) by "
-        f"`scripts/publish_run.py` on {datetime.date.today().isoformat()}, on {cpu_name()}, torch "
-        f"{torch.__version__}, with {settings} and every other parameter at its default below. "
-        "Run it yourself and each output is replaced by your run's.")
+        f"**The outputs in the repository's copy of this notebook come from the finished run in "
+        f"[{results.name}]({link})**: `scripts/publish_run.py` executed the notebook once on that run (it "
+        f"resumes at its last epoch and only explains it) on {datetime.date.today().isoformat()}, on "
+        f"{cpu_name()}, torch {torch.__version__}, with {settings} and every other parameter at its default "
+        "below. When you run the notebook, your run's outputs replace them.")
     note.metadata["tags"] = [STORED_OUTPUTS]
     note.metadata["s11lib"] = {"results": _in_repository(results), "images": _in_repository(images)}
     nb.cells.insert(0, note)
