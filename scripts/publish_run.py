@@ -140,22 +140,24 @@ def _tags(cell) -> list[str]:
     return cell.get("metadata", {}).get("tags", [])
 
 
-def without_stored_outputs(nb):
-    """The shipped notebook in a train.ipynb stored with outputs: the note cell dropped, every
-    output and execution count cleared (for papermill to run it afresh, or to compare its source)."""
-    nb = json.loads(json.dumps(nb))  # a copy; nbformat nodes and plain dicts alike
-    nb["cells"] = [c for c in nb["cells"] if STORED_OUTPUTS not in _tags(c)]
-    for cell in nb["cells"]:
-        if cell["cell_type"] == "code":
-            cell["outputs"], cell["execution_count"] = [], None
+def without_stored_outputs(path: Path):
+    """The notebook at `path` as shipped, when it is a train.ipynb stored with outputs: the note cell
+    dropped, every output and execution count cleared (for papermill to run it afresh, or to compare
+    its source). An nbformat node: its sources and stream texts are strings."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    nb.cells = [c for c in nb.cells if STORED_OUTPUTS not in _tags(c)]
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
     return nb
 
 
 def notebook_defaults(nb) -> dict:
     """The values a notebook's `parameters` cell assigns (literals only, as tests/test_notebook.py requires)."""
-    (cell,) = [c for c in nb["cells"] if "parameters" in _tags(c)]
-    source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
-    return {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(source).body}
+    (cell,) = [c for c in nb.cells if "parameters" in _tags(c)]
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body}
 
 
 def run_train_notebook(run_dir: Path, config: Config, data_dir: str, device: str) -> tuple[Path, dict]:
@@ -164,7 +166,7 @@ def run_train_notebook(run_dir: Path, config: Config, data_dir: str, device: str
     import nbformat
     import papermill as pm
 
-    shipped = without_stored_outputs(json.loads(TRAIN_NOTEBOOK.read_text()))
+    shipped = without_stored_outputs(TRAIN_NOTEBOOK)
     # Absolute paths: config.json is written again from these, and must stay the run's.
     parameters = {**config.to_dict(), "out_dir": str(run_dir.resolve()), "data_dir": str(Path(data_dir).resolve()),
                   "download": False, "device": device, "progress": False}
@@ -175,7 +177,7 @@ def run_train_notebook(run_dir: Path, config: Config, data_dir: str, device: str
           f"{config.epochs} and explains the run again); a bar per cell:", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "train.ipynb"
-        nbformat.write(nbformat.from_dict(shipped), source)
+        nbformat.write(shipped, source)
         try:
             pm.execute_notebook(str(source), str(executed), parameters=changed, progress_bar=True,
                                 cwd=str(ROOT))
@@ -220,15 +222,13 @@ def _in_repository(path: Path) -> str:
 
 
 def check_train_outputs(nb, pictures: dict[str, bytes], rows: list[dict]) -> None:
-    """An executed train.ipynb shows `pictures` (by file name: each shown once, byte for byte, by the
-    cell that displays that file) and prints metrics.csv's `rows` as its epoch table."""
-    cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
-
-    def source(cell) -> str:
-        return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+    """An executed train.ipynb (an nbformat node) shows `pictures` (by file name: each shown once,
+    byte for byte, by the cell that displays that file) and prints metrics.csv's `rows` as its epoch
+    table."""
+    cells = [c for c in nb.cells if c.cell_type == "code"]
 
     def outputs(marker: str) -> list:
-        cell = next((c for c in cells if marker in source(c)), None)
+        cell = next((c for c in cells if marker in c.source), None)
         if cell is None:
             raise PublishError(f"train.ipynb has no cell with {marker}")
         return cell.get("outputs", [])
@@ -237,8 +237,7 @@ def check_train_outputs(nb, pictures: dict[str, bytes], rows: list[dict]) -> Non
         shown = [o["data"]["image/png"] for o in outputs(f'"{name}"') if "image/png" in o.get("data", {})]
         if [base64.b64decode(p) for p in shown] != [png]:
             raise PublishError(f"train.ipynb shows {len(shown)} pictures for {name}, not the run's one")
-    printed = "".join("".join(o["text"]) if isinstance(o["text"], list) else o["text"]
-                      for o in outputs("epoch_table(") if o.get("output_type") == "stream" and o["name"] == "stdout")
+    printed = "".join(o.text for o in outputs("epoch_table(") if o.output_type == "stream" and o.name == "stdout")
     if epoch_table(rows) not in printed:
         raise PublishError("train.ipynb's epoch table is not metrics.csv's")
 

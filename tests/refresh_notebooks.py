@@ -14,7 +14,6 @@ a sweep of tiny runs (SWEEP_GRID) in S11_NBVAL_SWEEP_DIR, made here first.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -71,9 +70,8 @@ def shipped(name: str) -> nbformat.NotebookNode:
     (scripts/publish_run.py) without them and without the note on where they come from."""
     import runpy
 
-    nb = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())
-    nb = runpy.run_path(str(ROOT / "scripts" / "publish_run.py"))["without_stored_outputs"](nb)
-    return nbformat.reads(json.dumps(nb), as_version=4)
+    return runpy.run_path(str(ROOT / "scripts" / "publish_run.py"))["without_stored_outputs"](
+        ROOT / "notebooks" / f"{name}.ipynb")
 
 
 def with_parameters(name: str) -> nbformat.NotebookNode:
