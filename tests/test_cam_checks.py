@@ -12,8 +12,9 @@ from torch import nn
 from s11lib.explore import check_layers, check_samples, load_run, save_cam_checks
 from s11lib.models import resnet18
 from s11lib.utils import cam_checks
-from s11lib.utils.cam_checks import (STAGES, average_ranks, candidate_maps, centre_blob, deletion_insertion,
-                                     pixel_ranks, randomization_check, random_maps, reinitialise, spearman)
+from s11lib.utils.cam_checks import (STAGES, Randomization, average_ranks, candidate_maps, centre_blob,
+                                     deletion_insertion, pixel_ranks, randomization_check, random_maps, reinitialise,
+                                     spearman)
 
 
 def _plain_ranks(values: list[float]) -> list[float]:
@@ -75,6 +76,18 @@ def sanity(finished, mistakes):
     return randomization_check(finished.model, inputs, targets)
 
 
+@pytest.fixture(scope="module")
+def pooled(finished, mistakes, sanity):
+    """Three draws of the random weights (seeds 0, 1, 2) as one check over their 3 x 20 maps, so that no
+    single draw decides a verdict: one draw's layer4 correlation ranged 0.13-0.51 across seeds on this
+    short run (2 AMD EPYC cores, 2026-12-04), and which side of the 0.5 threshold seed 0 fell on
+    changed with the CPU's kernels, which change the run's weights in their last bits."""
+    inputs, targets, _ = mistakes
+    draws = [sanity] + [randomization_check(finished.model, inputs, targets, seed=seed) for seed in (1, 2)]
+    return Randomization(sanity.layers, sanity.stages, torch.cat([d.maps for d in draws], 2),
+                         torch.cat([d.correlations for d in draws], 2))
+
+
 def test_reinitialise_is_seeded_and_draws_every_parameter_of_the_stage():
     model = resnet18(width=8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -96,16 +109,15 @@ def test_the_callers_model_is_left_alone(finished, mistakes):
     assert all(torch.equal(v, before[k]) for k, v in finished.model.state_dict().items())
 
 
-def test_sanity_correlations_fall_as_more_of_the_model_is_randomised(finished, mistakes, sanity, is_real_data):
+def test_sanity_correlations_fall_as_more_of_the_model_is_randomised(pooled, sanity, is_real_data):
     """On the short real run (28% right after 256 steps, so its maps are still close to its initial
-    ones), averaged over three draws of the random weights so that no single draw decides."""
+    ones), pooled over three draws of the random weights so that no single draw decides."""
     if not is_real_data:  # the thresholds are the real run's; a model of the synthetic set keeps
         # 0.59-0.68 with layer4 alone random (measured 2026-12-01), and says nothing of Grad-CAM
         pytest.skip("the correlation thresholds were measured on the real CIFAR-10: set S11_CIFAR10_DIR")
-    inputs, targets, _ = mistakes
-    draws = [sanity] + [randomization_check(finished.model, inputs, targets, seed=seed) for seed in (1, 2)]
-    mean = torch.stack([d.mean() for d in draws]).mean(0)  # (layer, stage)
+    mean = pooled.mean()  # (layer, stage)
     assert sanity.correlations.shape == (3, len(STAGES), 20) and sanity.stages == tuple(STAGES)
+    assert pooled.correlations.shape == (3, len(STAGES), 60)
     # The trained maps agree with themselves (1); a model with any stage re-initialised agrees far less
     # (at most 0.48 in these draws)...
     assert (mean < 0.6).all(), mean
@@ -113,9 +125,9 @@ def test_sanity_correlations_fall_as_more_of_the_model_is_randomised(finished, m
     top, bottom = mean[:, :3].mean(), mean[:, 3:].mean()
     assert bottom < top - 0.08, (top, bottom)
     assert abs(float(bottom)) < 0.2
-    for i, layer in enumerate(sanity.layers):
-        assert sanity.passed(layer) and mean[i, sanity.decisive_stage(layer)] < sanity.threshold
-    assert "passes" in sanity.table() and "FAILS" not in sanity.table()
+    for i, layer in enumerate(pooled.layers):
+        assert pooled.passed(layer), pooled.table()
+    assert "passes" in pooled.table() and "FAILS" not in pooled.table()
 
 
 def _edges(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -127,13 +139,13 @@ def _edges(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> tor
     return (gx.square() + gy.square()).sqrt()[:, 0]
 
 
-def test_a_map_that_ignores_the_weights_fails(finished, mistakes, sanity):
+def test_a_map_that_ignores_the_weights_fails(finished, mistakes, pooled):
     inputs, targets, _ = mistakes
     ignoring = randomization_check(finished.model, inputs, targets, explainer=lambda layer: _edges)
     assert torch.allclose(ignoring.mean(), torch.ones(3, len(STAGES)))
     assert not any(ignoring.passed(layer) for layer in ignoring.layers)
     assert ignoring.table().count("FAILS") == 3
-    assert all(sanity.passed(layer) for layer in sanity.layers)  # Grad-CAM, same images, passes
+    assert all(pooled.passed(layer) for layer in pooled.layers)  # Grad-CAM, same images, passes
 
 
 def test_the_randomised_maps_are_grad_cam_of_a_randomised_model(finished, mistakes, sanity):
@@ -289,7 +301,7 @@ def test_cam_checks_json_holds_the_numbers_shown(finished, sanity, mistakes, tmp
     assert saved["epoch"] == finished.best_epoch and saved["images"]["mistakes"] == samples["mistakes"].tolist()
     layer3 = saved["sanity"]["layers"]["layer3"]
     assert layer3["mean_rank_correlation"] == pytest.approx(sanity.mean()[1].tolist(), abs=1e-6)
-    assert layer3["passed"] is True and saved["sanity"]["stages"] == list(STAGES)
+    assert layer3["passed"] is sanity.passed("layer3") and saved["sanity"]["stages"] == list(STAGES)
     scores = saved["faithfulness"]["groups"]["mistakes"]["Grad-CAM layer3"]
     c = curves["mistakes"]["Grad-CAM layer3"]
     assert scores["deletion_auc_mean"] == pytest.approx(float(c.deletion_auc.mean()), abs=1e-6)
