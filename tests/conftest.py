@@ -48,11 +48,29 @@ def pytest_configure(config):
     os.environ["S11_NBVAL_SWEEP_DIR"] = str(nbval / "s11-nbval-sweep")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true",
+                     help="also run the tests marked slow (the end-to-end ones; CI runs them)")
+
+
+def is_nbval(item) -> bool:
+    return type(item).__module__.startswith("nbval")
+
+
+@pytest.hookimpl(tryfirst=True)  # the markers are set before -m selects by them
 def pytest_collection_modifyitems(config, items):
-    """nbval cells: train.ipynb's before explore.ipynb's (explore reads train's run), compare.ipynb's
+    """Markers: real_data on every test whose checks change with the real CIFAR-10 (the nbval cells,
+    and any test that asks for is_real_data, itself or through a fixture such as learned_run), so
+    that `-m real_data` is the real-data pass; slow tests skipped, with the reason, without --runslow.
+
+    nbval cells: train.ipynb's before explore.ipynb's (explore reads train's run), compare.ipynb's
     last; skipped, with the reason, without the real data (their stored outputs come from it)."""
-    def is_nbval(item):
-        return type(item).__module__.startswith("nbval")
+    slow = pytest.mark.skip(reason="slow end-to-end test: bash scripts/test.sh --runslow runs it (CI does)")
+    for item in items:
+        if is_nbval(item) or "is_real_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_data)
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(slow)
 
     cells = [item for item in items if is_nbval(item)]
     if not cells:
@@ -70,7 +88,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_runtest_setup(item):
     """compare.ipynb's cells read the sweep that sweep_scenario makes: make it before the first one."""
-    if type(item).__module__.startswith("nbval") and Path(str(item.fspath)).name == "compare.ipynb" \
+    if is_nbval(item) and Path(str(item.fspath)).name == "compare.ipynb" \
             and real_data_dir() is not None:
         sweep_scenario(real_data_dir())
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import papermill as pm
 import pytest
 
+pytestmark = pytest.mark.slow  # a Jupyter server and headless Chromium
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "explore.ipynb"
 # The flags that work on these machines (closed network, root, no GPU, no screen).

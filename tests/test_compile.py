@@ -25,8 +25,9 @@ from s11lib.utils.train_test import train_epoch
 
 from test_resume import SETTINGS, _run_child
 
-pytestmark = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-                                reason="torch.compile on the CPU needs a C++ compiler (g++ or clang++)")
+pytestmark = [pytest.mark.slow,  # cold, inductor's C++ builds take minutes on 2 cores
+              pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                                 reason="torch.compile on the CPU needs a C++ compiler (g++ or clang++)")]
 CPU = torch.device("cpu")
 
 

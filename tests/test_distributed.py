@@ -105,6 +105,7 @@ def test_two_ranks_train_the_model_of_one_process(two_ranks, data_dir, tmp_path)
     assert json.loads((out_dir / "misclassified.json").read_text())["epoch"] == single.best_epoch
 
 
+@pytest.mark.slow
 def test_a_killed_two_rank_run_resumes_bit_for_bit(two_ranks, data_dir, tmp_path):
     config = json.dumps({**SETTINGS, "data_dir": str(data_dir), "out_dir": str(tmp_path)})
     crash = ["--standalone", "--nproc-per-node=2", str(CRASH), "run", config]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each call trains a smoke run and a real one in child processes
 SCRIPT = Path(__file__).parents[1] / "scripts" / "gpu_run.sh"
 TINY = ["--device", "cpu", "--width", "8", "--train-subset", "512", "--val-size", "64", "--test-subset", "128",
         "--batch-size", "128"]

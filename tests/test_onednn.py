@@ -98,6 +98,7 @@ def test_the_layout_falls_back_only_where_needed():
 
 
 @x86
+@pytest.mark.slow
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
                     reason="torch.compile on the CPU needs a C++ compiler (g++ or clang++)")
 def test_a_narrow_channels_last_compiled_run_finishes(data_dir, tmp_path):

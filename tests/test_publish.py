@@ -128,6 +128,7 @@ def test_the_notebooks_pictures_are_found_by_the_cell_that_draws_them(publish_ru
         publish_run["notebook_pictures"](path)
 
 
+@pytest.mark.slow
 def test_the_real_notebooks_give_every_picture_and_train_ipynb_is_stored_with_the_runs_outputs(
         publish_run, run_copy, data_dir, tmp_path, learned_run):
     config_before = json.loads((run_copy / "config.json").read_text())

@@ -90,6 +90,7 @@ def assert_same_run(expected: Path, actual: Path) -> None:
     assert np.array_equal(np.load(actual / "test_predictions.npy"), np.load(expected / "test_predictions.npy"))
 
 
+@pytest.mark.slow
 def test_killed_three_times_then_finishes_as_if_never_killed(data_dir, uninterrupted, tmp_path):
     # 1. Epoch 1 always improves on nothing; its best.pt write dies, after last.pt is complete.
     _run_child(data_dir, tmp_path, "--kill-writing", "best.pt:1:1024", killed=True)
@@ -182,6 +183,7 @@ def test_the_state_handed_to_the_writer_is_a_copy_the_next_epoch_cannot_change()
     assert not live & {t.data_ptr() for t in state["model"].values()}
 
 
+@pytest.mark.slow
 def test_a_run_with_a_weight_average_resumes_bit_for_bit(data_dir, tmp_path_factory):
     whole, broken = tmp_path_factory.mktemp("ema-whole"), tmp_path_factory.mktemp("ema-broken")
     _run_child(data_dir, whole, ema_decay=0.9)

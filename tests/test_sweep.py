@@ -148,6 +148,7 @@ def _run_line(output: str, name: str, what: str) -> int:
     return next(i for i, line in enumerate(lines) if f"] {name}: " in line and what in line)
 
 
+@pytest.mark.slow  # the sweep scenario: four runs through papermill, stopped, failed and continued
 def test_a_stopped_sweep_stops_its_run_and_keeps_what_it_has(swept):
     first = swept.first
     assert first.code == 130, first.output
@@ -159,6 +160,7 @@ def test_a_stopped_sweep_stops_its_run_and_keeps_what_it_has(swept):
     assert "last.pt" in swept.killed_files_after_first and sweep.FINISHED not in swept.killed_files_after_first
 
 
+@pytest.mark.slow  # the sweep scenario: four runs through papermill, stopped, failed and continued
 def test_a_failing_run_is_reported_and_the_others_go_on(swept):
     for call in (swept.first, swept.second):
         line = call.output.splitlines()[_run_line(call.output, swept.blocked, "FAILED")]
@@ -173,6 +175,7 @@ def test_a_failing_run_is_reported_and_the_others_go_on(swept):
     assert error[swept.blocked] == f"out_dir {swept.folder / swept.blocked} is a file, not a folder"
 
 
+@pytest.mark.slow  # the sweep scenario: four runs through papermill, stopped, failed and continued
 def test_the_same_spec_again_skips_finished_runs_and_continues_the_stopped_one(swept):
     first_run = next(iter(swept.first.statuses))
     for call in (swept.second, swept.third):
@@ -193,6 +196,7 @@ def test_the_same_spec_again_skips_finished_runs_and_continues_the_stopped_one(s
     assert set(third.statuses.values()) == {"done"}
 
 
+@pytest.mark.slow  # the sweep scenario: four runs through papermill, stopped, failed and continued
 def test_runs_go_one_per_gpu_side_by_side(swept):
     output, names = swept.second.output, list(swept.second.statuses)
     # The second run fails at once on GPU 0, whose next run starts while the third still trains on GPU 1.
@@ -204,6 +208,7 @@ def test_runs_go_one_per_gpu_side_by_side(swept):
         assert f"started on CUDA_VISIBLE_DEVICES={gpu}" in log
 
 
+@pytest.mark.slow  # the sweep scenario: four runs through papermill, stopped, failed and continued
 def test_summary_has_a_row_per_run_from_its_files(swept):
     header = (swept.folder / "summary.csv").read_text().splitlines()[0]
     assert header == ("run,status,lr,seed,epochs_done,final_val_acc,final_test_acc,best_epoch,best_val_acc,"
@@ -226,6 +231,7 @@ def test_summary_has_a_row_per_run_from_its_files(swept):
     assert json.loads((swept.folder / "sweep.json").read_text())["runs"] == [r["run"] for r in rows]
 
 
+@pytest.mark.slow  # the sweep scenario: four runs through papermill, stopped, failed and continued
 def test_a_finished_run_is_finished_for_its_own_settings_only(swept):
     point = sweep.read_spec(swept.spec).points[0]
 
@@ -322,6 +328,7 @@ def test_load_sweep_refuses_a_folder_that_is_no_sweep(tmp_path):
         compare.load_sweep(tmp_path)
 
 
+@pytest.mark.slow  # the sweep scenario: four runs through papermill, stopped, failed and continued
 def test_load_sweep_reads_each_runs_accuracy_per_class(swept, data_dir):
     loaded = compare.load_sweep(swept.folder)
     assert [r.name for r in loaded.runs] == list(swept.third.statuses) and loaded.unfinished == {}
@@ -337,6 +344,7 @@ def test_load_sweep_reads_each_runs_accuracy_per_class(swept, data_dir):
         assert np.average(run.per_class, weights=counts) == pytest.approx(overall)
 
 
+@pytest.mark.slow  # the sweep scenario: four runs through papermill, stopped, failed and continued
 def test_compare_notebook_runs_under_papermill(swept, data_dir, tmp_path):
     notebook = swept.folder.parents[0] / "compare-run.ipynb"
     pm.execute_notebook(str(ROOT / "notebooks" / "compare.ipynb"), str(notebook), parameters={"sweep_dir": str(swept.folder)},
