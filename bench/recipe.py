@@ -22,6 +22,10 @@ seed) is a real `s11lib.run.run` on a proxy of the 40-epoch run:
   factor and patience), and the final comparison.
 * full-width: the real width (64) at batch 128, 6,000 training images, 4 epochs (184 steps, the
   100-step warm-up among them): does the rate chosen at width 16 hold at the real width?
+* full: no proxy, the real run's shape for one epoch: width 64, the full data (45,000 training,
+  5,000 validation, 10,000 test), at batch 256, the batch of the assignment's log.
+* full-half: the same with the first 27,500 training images (22,500 trained on, 5,000 held out):
+  the first half of a full epoch, 88 steps at the real per-step shape, scored on the full test set.
 
 `--results FILE` appends each finished run as a JSON line and reuses the lines it finds (same
 proxy, candidate, recipe and seed), so a study that dies part way continues where it stopped and
@@ -76,6 +80,10 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
     "today": ("the defaults before this study", TODAY),
     "base": ("Kaiming init, zero-init last norm, no decay on norms and biases, warm-up floor", RECIPE_BASE),
     "shipped": ("this checkout's Config defaults", {}),
+    # The assignment's own log (43.3% test after epoch 1): SGD 0.01 at batch 256 (lr is per 512 here),
+    # momentum 0.9 (Nesterov in s11lib), no weight decay, no warm-up, PyTorch's initialisation.
+    "seed": ("the assignment's optimiser: SGD 0.01 at batch 256, momentum 0.9, no decay or warm-up, PyTorch's init",
+             {**TODAY, "lr": 0.02, "weight_decay": 0.0, "warmup_epochs": 0, "warmup_min_steps": 0}),
 }
 
 # The fields of a proxy (its shape); the command line can override each one.
@@ -87,6 +95,8 @@ PROXY_SHAPES = {
     "short": dict(width=16, batch_size=64, train_subset=7_000, val_size=2_000, test_subset=2_000, epochs=12),
     "long": dict(width=16, batch_size=64, train_subset=7_000, val_size=2_000, test_subset=2_000, epochs=40),
     "full-width": dict(width=64, batch_size=128, train_subset=7_000, val_size=1_000, test_subset=1_000, epochs=4),
+    "full": dict(width=64, batch_size=256, train_subset=None, val_size=5_000, test_subset=None, epochs=1),
+    "full-half": dict(width=64, batch_size=256, train_subset=27_500, val_size=5_000, test_subset=None, epochs=1),
 }
 # Recipe fields a proxy fixes for every candidate: the stability probe's short warm-up.
 PROXY_RECIPE = {"stability": dict(warmup_epochs=1, warmup_min_steps=20)}
@@ -98,6 +108,8 @@ STUDIES = {
               "base+warmup_epochs=4"],
     "long": ["today", "base"],
     "full-width": ["base+lr=0.8"],
+    "full": ["seed"],
+    "full-half": ["seed", "seed+init=kaiming+zero_init_residual=True", "seed+lr=0.005", "seed+lr=0.08"],
 }
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Config)}
 
@@ -194,6 +206,16 @@ def _commit() -> str:
     return head + ("+library-changes" if changed else "")
 
 
+def _machine() -> str:
+    """The CPU's model name and its count of cores, as lscpu gives them ("AMD EPYC, 2 cores")."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else platform.processor() or platform.machine()}, {len(names) or '?'} cores"
+
+
 def _key(record: dict) -> tuple:
     return (record["proxy"], record["candidate"], json.dumps(record["config"], sort_keys=True))
 
@@ -284,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 record["result"] = train_one(config)
                 record.update(torch=torch.__version__, threads=args.threads, date=time.strftime("%Y-%m-%d"),
-                              commit=commit)
+                              commit=commit, machine=_machine(), command=" ".join(["python bench/recipe.py",
+                                                                                     *sys.argv[1:]]))
                 trained += 1
                 records.append(record)
                 res = record["result"]
