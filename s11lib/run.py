@@ -477,15 +477,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args, extra = parser.parse_known_args(argv)
+def reject_unknown(parser: argparse.ArgumentParser, extra: list[str]) -> None:
+    """parse_known_args' leftovers as one error line, naming the closest option (a typo's fix)."""
     if extra:
         options = [o for action in parser._actions for o in action.option_strings]
         given = extra[0].split("=", 1)[0]
         close = difflib.get_close_matches(given, options, n=1, cutoff=0.6) if given.startswith("-") else []
         parser.error(f"unknown option {given}" + (f" (did you mean {close[0]}?)" if close else "")
                      if given.startswith("-") else f"unexpected argument {given!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    reject_unknown(parser, extra)
     try:
         result = run(Config(**vars(args)))
         if result is not None:  # rank 0: the table train.ipynb ends with
