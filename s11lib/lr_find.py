@@ -41,7 +41,7 @@ from s11lib.loaders import build_loaders
 from s11lib.models import resnet18
 from s11lib.optim import load_optimizer_state, make_optimizer
 from s11lib.transforms import test_transforms, train_transforms
-from s11lib.utils.train_test import autocast
+from s11lib.utils.train_test import train_step
 
 # The loss's exponential moving average, bias-corrected. fastai's 0.98 averages over ~50 steps: on
 # a 100-step sweep of six decades (x1.15 a step) it lags the raw loss by ~25 steps, a factor of 30
@@ -137,16 +137,7 @@ def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loader, de
             for group in optimizer.param_groups:
                 group["lr"] = float(lr)
             x, y = next(batches)
-            with autocast(device, amp_dtype):
-                loss = criterion(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            _, loss = train_step(model, x, y, optimizer, criterion, device, amp_dtype, scaler)
             losses.append(loss.item())  # one host read a step: a sweep is ~100 steps
             if not math.isfinite(losses[-1]):
                 losses.pop()

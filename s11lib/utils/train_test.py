@@ -55,6 +55,25 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+               criterion: Callable, device: torch.device, amp_dtype: torch.dtype | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on the batch (x, y) under autocast, with fp16's loss scaling when `scaler`
+    is given; returns the logits and the loss (still on the device)."""
+    with autocast(device, amp_dtype):
+        logits = model(x)
+        loss = criterion(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return logits, loss
+
+
 def train_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -95,17 +114,7 @@ def train_epoch(
         for batch, (x, y) in enumerate(loader):
             if before_step is not None:
                 before_step(batch)
-            with autocast(device, amp_dtype):
-                logits = model(x)
-                loss = criterion(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            logits, loss = train_step(model, x, y, optimizer, criterion, device, amp_dtype, scaler)
             if after_step is not None:
                 after_step()
             n = len(y)
