@@ -62,6 +62,14 @@ class RangeTest:
     end_lr: float
     steps: int  # asked for; len(lrs) is fewer when the sweep stopped at a blow-up
 
+    def describe(self, batch_size: int) -> str:
+        """Two lines: how far the sweep went, and the suggestion per step and as the run's `lr`."""
+        per_reference = self.suggestion * LR_REFERENCE_BATCH / batch_size
+        return (f"swept {len(self.lrs)} of {self.steps} steps from {self.start_lr:g} to {self.lrs[-1]:.3g}"
+                + (" (stopped: the loss blew up)" if len(self.lrs) < self.steps else "") + "\n"
+                f"suggested rate: {self.suggestion:.3g} at batch {batch_size} "
+                f"(lr={per_reference:.3g}, the run's rate per {LR_REFERENCE_BATCH})")
+
     def plot(self, path: str | Path, title: str = "") -> None:
         """The loss against the rate (log scale), raw and smoothed, the suggestion marked."""
         import matplotlib
@@ -198,11 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         result = lr_find(config, **sweep)
     except ValueError as e:
         return _fail(e, 2)
-    per_reference = result.suggestion * LR_REFERENCE_BATCH / config.batch_size
-    print(f"swept {len(result.lrs)} of {result.steps} steps from {result.start_lr:g} to {result.lrs[-1]:.3g}"
-          + (" (stopped: the loss blew up)" if len(result.lrs) < result.steps else ""))
-    print(f"suggested rate: {result.suggestion:.3g} at batch {config.batch_size} "
-          f"(--lr {per_reference:.3g}, the run's rate per {LR_REFERENCE_BATCH}); picture: {sweep['plot']}")
+    print(result.describe(config.batch_size) + f"; picture: {sweep['plot']}")
     return 0
 
 

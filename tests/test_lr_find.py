@@ -1,6 +1,8 @@
 """The learning-rate range test (s11lib/lr_find.py): the rates it sweeps, the model and optimiser
 left as they were, the suggestion inside the range and at the steepest fall, the picture, the stop
 at a blow-up, and one-line errors, on a narrow model and the test data."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -109,6 +111,22 @@ def test_the_command_prints_the_suggestion_per_batch_and_per_512(data_dir, tmp_p
     options = [a for k, v in NARROW.items() for a in (f"--{k.replace('_', '-')}", str(v))]
     assert finder.main(["--data-dir", str(data_dir), *options, "--steps", "20", "--plot", str(plot)]) == 0
     out = capsys.readouterr().out.splitlines()
-    rate, per_512 = out[-1].split("suggested rate: ")[1].split(" at batch 64 (--lr ")
+    rate, per_512 = out[-1].split("suggested rate: ")[1].split(" at batch 64 (lr=")
     assert float(per_512.split(",")[0]) == pytest.approx(float(rate) * 512 / 64, rel=1e-2)  # 3 digits each
     assert plot.is_file()
+
+
+def test_the_notebook_runs_under_papermill_and_shows_the_picture(data_dir, tmp_path):
+    import nbformat
+    import papermill as pm
+
+    root = Path(__file__).parents[1]
+    params = dict(data_dir=str(data_dir), download=False, device="cpu", width=8, batch_size=64, train_subset=640,
+                  val_size=64, steps=20, plot=str(tmp_path / "lr_find.png"))
+    pm.execute_notebook(str(root / "notebooks" / "lr_find.ipynb"), str(tmp_path / "out.ipynb"), parameters=params,
+                        kernel_name="python3", progress_bar=False, cwd=str(tmp_path), execution_timeout=300)
+    last = nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[-1]
+    text = "".join(o.text for o in last.outputs if o.output_type == "stream" and o.name == "stdout")
+    assert text.startswith("swept ") and "suggested rate: " in text and "at batch 64 (lr=" in text
+    assert any("image/png" in o.get("data", {}) for o in last.outputs)
+    assert (tmp_path / "lr_find.png").is_file()

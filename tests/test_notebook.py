@@ -27,7 +27,8 @@ from s11lib.transforms import test_transforms
 
 ROOT = Path(__file__).parents[1]
 NOTEBOOK = ROOT / "notebooks" / "train.ipynb"
-NOTEBOOKS = ("train", "explore", "compare")
+NOTEBOOKS = ("train", "explore", "compare")  # those with an nbval reference in tests/notebooks/
+SHIPPED = (*NOTEBOOKS, "lr_find")  # every notebook in notebooks/
 REFRESH = "S11_CIFAR10_DIR=../shared/datasets/cifar10 .venv/bin/python tests/refresh_notebooks.py"
 
 
@@ -54,7 +55,7 @@ def test_train_parameters_are_the_config_defaults():
     assert Config().epochs == 40
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
+@pytest.mark.parametrize("name", SHIPPED)
 def test_notebooks_are_stored_without_outputs_or_with_a_published_runs(name, publish_run):
     """A shipped notebook has no outputs, except train.ipynb as scripts/publish_run.py stores it:
     its first cell names the run, and what it shows is that run's (the results and images it names)."""
@@ -114,7 +115,7 @@ def _repository() -> str:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
+@pytest.mark.parametrize("name", SHIPPED)
 def test_colab_cell_does_nothing_outside_colab(name, monkeypatch):
     import subprocess
     monkeypatch.delitem(sys.modules, "google.colab", raising=False)
@@ -125,7 +126,7 @@ def test_colab_cell_does_nothing_outside_colab(name, monkeypatch):
     assert out.getvalue() == ""
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
+@pytest.mark.parametrize("name", SHIPPED)
 def test_colab_cell_in_colab_installs_enables_widgets_and_reports_the_gpu(name, monkeypatch):
     import subprocess
     commands, enabled = [], []
@@ -149,7 +150,8 @@ def test_colab_cell_in_colab_installs_enables_widgets_and_reports_the_gpu(name, 
 def test_readme_open_in_colab_links_point_at_the_repository():
     readme = (ROOT / "README.md").read_text()
     colab = _repository().replace("https://github.com/", "https://colab.research.google.com/github/")
-    for name in NOTEBOOKS:
+    assert sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb")) == sorted(SHIPPED)
+    for name in SHIPPED:
         assert f"({colab}/blob/main/notebooks/{name}.ipynb)" in readme
 
 
