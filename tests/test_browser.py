@@ -74,9 +74,11 @@ def _dismiss_dialogs(page) -> None:
 
 def _run_all_cells(page) -> None:
     """Run > Run All Cells from the menu, as a user does. A click before the kernel is connected
-    is lost, and a dialog Jupyter opens meanwhile swallows clicks, so try again until a cell
-    shows that it ran or is running ("[*]:" or "[1]:")."""
-    started = "() => [...document.querySelectorAll('.jp-InputPrompt')].some(p => /\\[(\\*|\\d+)\\]/.test(p.textContent))"
+    is lost, and a dialog Jupyter opens meanwhile swallows clicks, so try again until a cell shows
+    that it ran ("[1]:"; the first, the Colab cell, takes no time outside Colab). "[*]:" is not
+    enough: the server sometimes starts two kernels for the page and shuts one down at once, and
+    cells sent to that one stay at "[*]" for ever (seen once in CI on 2026-12-04: nothing ran)."""
+    started = "() => [...document.querySelectorAll('.jp-InputPrompt')].some(p => /\\[\\d+\\]/.test(p.textContent))"
     for _ in range(8):
         _dismiss_dialogs(page)
         try:
