@@ -43,6 +43,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import platform
 import statistics
 import sys
@@ -54,6 +55,7 @@ import numpy as np
 import torch
 
 from s11lib.config import Config
+from s11lib.provenance import cpu_name
 from s11lib.run import run
 from s11lib.utils.train_test import DivergedError
 
@@ -207,13 +209,8 @@ def _commit() -> str:
 
 
 def _machine() -> str:
-    """The CPU's model name and its count of cores, as lscpu gives them ("AMD EPYC, 2 cores")."""
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-    except OSError:
-        names = []
-    return f"{names[0] if names else platform.processor() or platform.machine()}, {len(names) or '?'} cores"
+    """The CPU's model name and its count of cores ("AMD EPYC, 2 cores")."""
+    return f"{cpu_name()}, {os.cpu_count()} cores"
 
 
 def _key(record: dict) -> tuple:

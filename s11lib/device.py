@@ -169,6 +169,11 @@ class CpuLayout:
     inductor_layout_optimization: bool
     note: str  # "" when nothing was changed
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """What `model.to(memory_format=...)` takes for this layout."""
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
     def compile_options(self) -> dict:
         """torch._inductor.config settings for the run's compiles (empty when none are needed)."""
         return {} if self.inductor_layout_optimization else {"layout_optimization": False}

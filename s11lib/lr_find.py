@@ -35,11 +35,9 @@ from torch import nn
 from tqdm import tqdm
 
 from s11lib.config import LR_REFERENCE_BATCH, Config
-from s11lib.constants import NUM_CLASSES
 from s11lib.device import resolve_device, resolve_precision, safe_layout
-from s11lib.loaders import build_loaders
-from s11lib.models import resnet18
 from s11lib.optim import load_optimizer_state, make_optimizer
+from s11lib.run import _fail, _parser, loaders_of, model_of, reject_unknown, seed_everything
 from s11lib.transforms import test_transforms, train_transforms
 from s11lib.utils.train_test import train_step
 
@@ -173,12 +171,10 @@ def lr_find(config: Config, start_lr: float = 1e-5, end_lr: float = 10.0, steps:
     device = resolve_device(config.device)
     precision = resolve_precision(config.amp, device)
     precision.apply(device)
-    torch.manual_seed(config.seed)
-    model = resnet18(NUM_CLASSES, width=config.width, zero_init_residual=config.zero_init_residual, init=config.init)
-    data = build_loaders(config.data_dir, config.batch_size, device, train_transforms(), test_transforms(),
-                         config.download, config.train_subset, config.test_subset, config.val_size)
-    layout = safe_layout(model, device, config.channels_last, False)
-    model = model.to(device, memory_format=torch.channels_last if layout.channels_last else torch.contiguous_format)
+    seed_everything(config.seed)
+    model = model_of(config)
+    data = loaders_of(config, device, train_transforms(), test_transforms())
+    model = model.to(device, memory_format=safe_layout(model, device, config.channels_last, False).memory_format)
     optimizer = make_optimizer(model, config, device)
     result = lr_range_test(model, optimizer, data.train, device, start_lr, end_lr, steps, precision.dtype,
                            precision.grad_scaler(device), config.progress)
@@ -189,8 +185,6 @@ def lr_find(config: Config, start_lr: float = 1e-5, end_lr: float = 10.0, steps:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from s11lib.run import _fail, _parser, reject_unknown
-
     parser = _parser()
     parser.prog = "python -m s11lib.lr_find"
     parser.description = __doc__.split("\n")[0]

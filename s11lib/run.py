@@ -137,12 +137,11 @@ def _run(config: Config, ranks: Ranks, device: torch.device) -> RunResult | None
         # run has three or four shapes (training, evaluation, their last batches).
         torch.backends.cudnn.benchmark = True
     seed_everything(config.seed)  # the same seed on every rank: the same model and the same draws
-    model = resnet18(NUM_CLASSES, width=config.width, zero_init_residual=config.zero_init_residual, init=config.init)
+    model = model_of(config)
     resolve_layer(model, config.gradcam_layer)  # an unknown layer fails now, not after 40 epochs
     train_tf, test_tf = train_transforms(), test_transforms()
     with distributed.local_main_first(ranks):  # one download per machine
-        data: Loaders = build_loaders(config.data_dir, config.batch_size, device, train_tf, test_tf,
-                                      config.download, config.train_subset, config.test_subset, config.val_size)
+        data = loaders_of(config, device, train_tf, test_tf)
     if ranks.distributed and len(data.train) * config.batch_size > data.train.num_images:
         raise ValueError(f"{data.train.num_images} training images are fewer than one batch of {config.batch_size}: "
                          "the ranks could not share it evenly; pass a smaller batch_size or more images")
@@ -152,7 +151,7 @@ def _run(config: Config, ranks: Ranks, device: torch.device) -> RunResult | None
     # convolution and norm convert the activations both ways, and only bench/gpu_report.py can say
     # whether the convolutions gain more. On the CPU, narrow models keep NCHW (device.safe_layout).
     layout = safe_layout(model, device, config.channels_last, config.compile)
-    model = model.to(device, memory_format=torch.channels_last if layout.channels_last else torch.contiguous_format)
+    model = model.to(device, memory_format=layout.memory_format)
     optimizer = make_optimizer(model, config, device)
     scheduler = make_scheduler(optimizer, config)
     scaler = precision.grad_scaler(device)
@@ -200,6 +199,17 @@ def _run(config: Config, ranks: Ranks, device: torch.device) -> RunResult | None
         finally:  # the segment's end, however it ends (a SIGKILL leaves it open: end null)
             if ranks.is_main:
                 record.end()
+
+
+def model_of(config: Config) -> nn.Module:
+    """The ResNet18 a run of `config` trains, freshly initialised (seed first: seed_everything)."""
+    return resnet18(NUM_CLASSES, width=config.width, zero_init_residual=config.zero_init_residual, init=config.init)
+
+
+def loaders_of(config: Config, device: torch.device, train_tf, test_tf) -> Loaders:
+    """The training, validation and test batches a run of `config` uses, on `device`."""
+    return build_loaders(config.data_dir, config.batch_size, device, train_tf, test_tf, config.download,
+                         config.train_subset, config.test_subset, config.val_size)
 
 
 def _inductor_options(options: dict) -> contextlib.AbstractContextManager:
