@@ -63,15 +63,18 @@ SPIKE_WINDOW, SPIKE_RATIO = 20, 1.25
 COLLAPSE_ACC, COLLAPSE_SHARE = 15.0, 0.6
 
 # The recipe fields a candidate may set; everything else (data, width, epochs, batch) is the proxy's.
-RECIPE_FIELDS = ("lr", "momentum", "weight_decay", "decay_norm_and_bias", "label_smoothing", "warmup_epochs",
-                 "warmup_min_steps", "plateau_metric", "plateau_factor", "plateau_patience", "plateau_threshold",
+RECIPE_FIELDS = ("optimizer", "lr", "momentum", "weight_decay", "decay_norm_and_bias", "label_smoothing", "crop_prob",
+                 "rotate_prob", "cutout_prob", "warmup_epochs", "warmup_min_steps", "plateau_metric", "plateau_factor", "plateau_patience", "plateau_threshold",
                  "min_lr", "zero_init_residual", "init", "ema_decay")
+
+# Config fields added after the first records: what those runs trained with.
+ADDED_FIELDS = dict(optimizer="sgd", crop_prob=1.0, rotate_prob=1.0, cutout_prob=1.0)
 
 # The defaults before issue 10: PyTorch's layer initialisation, weight decay on every parameter, a
 # warm-up of 2 epochs however short they are. (Their lr, 0.1, was then the rate at any batch size;
 # the proxies here scale it linearly, as the library now does, which is kinder to it at batch 64.)
-TODAY = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, decay_norm_and_bias=True, label_smoothing=0.0, warmup_epochs=2,
-             warmup_min_steps=0, plateau_metric="val_acc", plateau_factor=0.2, plateau_patience=2,
+TODAY = dict(**ADDED_FIELDS, lr=0.1, momentum=0.9, weight_decay=5e-4, decay_norm_and_bias=True, label_smoothing=0.0,
+             warmup_epochs=2, warmup_min_steps=0, plateau_metric="val_acc", plateau_factor=0.2, plateau_patience=2,
              plateau_threshold=1e-3, min_lr=1e-5, zero_init_residual=False, init="torch", ema_decay=0.0)
 # The three initialisation and decay items of issue 10 on top of TODAY, with the warm-up floor.
 RECIPE_BASE = {**TODAY, "decay_norm_and_bias": False, "warmup_min_steps": 100, "zero_init_residual": True,
@@ -86,6 +89,11 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
     # momentum 0.9 (Nesterov in s11lib), no weight decay, no warm-up, PyTorch's initialisation.
     "seed": ("the assignment's optimiser: SGD 0.01 at batch 256, momentum 0.9, no decay or warm-up, PyTorch's init",
              {**TODAY, "lr": 0.02, "weight_decay": 0.0, "warmup_epochs": 0, "warmup_min_steps": 0}),
+    # Issue 37's choice at full scale: He init with zero-initialised branches, the range test's rate
+    # at full width, no warm-up; weight decay 5e-4 off norms and biases; the plateau after 2 flat epochs.
+    "full-scale": ("the full-scale study's recipe: SGD 0.087 per 512 from the range test, He init, zero-init, "
+                   "no warm-up, wd 5e-4 off norms and biases, plateau patience 1",
+                   {**RECIPE_BASE, "lr": 0.087, "warmup_epochs": 0, "plateau_patience": 1}),
 }
 
 # The fields of a proxy (its shape); the command line can override each one.
@@ -111,7 +119,11 @@ STUDIES = {
     "long": ["today", "base"],
     "full-width": ["base+lr=0.8"],
     "full": ["seed"],
-    "full-half": ["seed", "seed+init=kaiming+zero_init_residual=True", "seed+lr=0.005", "seed+lr=0.08"],
+    "full-half": ["seed", "seed+init=kaiming+zero_init_residual=True", "seed+lr=0.005",
+                  "seed+optimizer=adam+lr=0.001+weight_decay=0.0001",
+                  "seed+init=kaiming+zero_init_residual=True+optimizer=adam+lr=0.001+weight_decay=0.0001",
+                  "seed+init=kaiming+zero_init_residual=True+lr=0.087",
+                  "seed+init=kaiming+zero_init_residual=True+lr=0.087+rotate_prob=0.5+cutout_prob=0.5"],
 }
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Config)}
 
@@ -221,6 +233,9 @@ def load_results(path: Path | None) -> dict[tuple, dict]:
     if path is None or not path.exists():
         return {}
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for record in records:  # the runs from before these fields trained at what they now default to
+        for field, value in ADDED_FIELDS.items():
+            record["config"].setdefault(field, value)
     return {_key(r): r for r in records}
 
 

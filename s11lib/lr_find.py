@@ -37,8 +37,7 @@ from tqdm import tqdm
 from s11lib.config import LR_REFERENCE_BATCH, Config
 from s11lib.device import resolve_device, resolve_precision, safe_layout
 from s11lib.optim import load_optimizer_state, make_optimizer
-from s11lib.run import _fail, _parser, loaders_of, model_of, reject_unknown, seed_everything
-from s11lib.transforms import test_transforms, train_transforms
+from s11lib.run import _fail, _parser, loaders_of, model_of, reject_unknown, seed_everything, transforms_of
 from s11lib.utils.train_test import train_step
 
 # The loss's exponential moving average, bias-corrected. fastai's 0.98 averages over ~50 steps: on
@@ -60,13 +59,15 @@ class RangeTest:
     end_lr: float
     steps: int  # asked for; len(lrs) is fewer when the sweep stopped at a blow-up
 
-    def describe(self, batch_size: int) -> str:
-        """Two lines: how far the sweep went, and the suggestion per step and as the run's `lr`."""
-        per_reference = self.suggestion * LR_REFERENCE_BATCH / batch_size
+    def describe(self, batch_size: int, optimizer: str = "sgd") -> str:
+        """Two lines: how far the sweep went, and the suggestion per step and as the run's `lr`
+        (SGD's per 512 images; Adam's and AdamW's `lr` is the rate itself, at any batch)."""
+        as_lr = f"lr={self.suggestion * LR_REFERENCE_BATCH / batch_size:.3g}, the run's rate per {LR_REFERENCE_BATCH}" \
+            if optimizer == "sgd" else f"lr={self.suggestion:.3g} for {optimizer}, at any batch size"
         return (f"swept {len(self.lrs)} of {self.steps} steps from {self.start_lr:g} to {self.lrs[-1]:.3g}"
                 + (" (stopped: the loss blew up)" if len(self.lrs) < self.steps else "") + "\n"
                 f"suggested rate: {self.suggestion:.3g} at batch {batch_size} "
-                f"(lr={per_reference:.3g}, the run's rate per {LR_REFERENCE_BATCH})")
+                f"({as_lr})")
 
     def plot(self, path: str | Path, title: str = "") -> None:
         """The loss against the rate (log scale), raw and smoothed, the suggestion marked."""
@@ -173,14 +174,14 @@ def lr_find(config: Config, start_lr: float = 1e-5, end_lr: float = 10.0, steps:
     precision.apply(device)
     seed_everything(config.seed)
     model = model_of(config)
-    data = loaders_of(config, device, train_transforms(), test_transforms())
+    data = loaders_of(config, device, *transforms_of(config))
     model = model.to(device, memory_format=safe_layout(model, device, config.channels_last, False).memory_format)
     optimizer = make_optimizer(model, config, device)
     result = lr_range_test(model, optimizer, data.train, device, start_lr, end_lr, steps, precision.dtype,
                            precision.grad_scaler(device), config.progress)
     if plot is not None:
         result.plot(plot, title=f"Range test: width {config.width}, batch {config.batch_size}, "
-                                f"momentum {config.momentum}, weight decay {config.weight_decay:g}, {precision.name}")
+                                f"{config.optimizer}, momentum {config.momentum}, weight decay {config.weight_decay:g}, {precision.name}")
     return result
 
 
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         result = lr_find(config, **sweep)
     except ValueError as e:
         return _fail(e, 2)
-    print(result.describe(config.batch_size) + f"; picture: {sweep['plot']}")
+    print(result.describe(config.batch_size, config.optimizer) + f"; picture: {sweep['plot']}")
     return 0
 
 

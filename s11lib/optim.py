@@ -45,24 +45,31 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
 
 
 def make_optimizer(model: nn.Module, config: Config, device: torch.device) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum over `param_groups`, at the run's peak rate.
+    """The run's optimiser over `param_groups`, at its peak rate: SGD with Nesterov momentum, Adam
+    (weight decay as L2 in the gradient, as the course's solutions used it) or AdamW (decoupled
+    decay); for Adam and AdamW `momentum` is the first beta, the second is PyTorch's 0.999.
 
     Fused where the device has the kernel (CUDA and the CPU, in the torch 2.5 and later s11lib needs), else foreach:
     one kernel over all parameters instead of one per tensor. The fused kernel also takes a
     GradScaler's scale and overflow flag as tensors, so an fp16 step needs no host read.
 
-    The momentum buffers are created as zeros now. Left to the first step, the fused kernel makes
+    SGD's momentum buffers are created as zeros now. Left to the first step, the fused kernel makes
     them with `empty_like`, and when a GradScaler skips that first step for an overflow it returns
     before writing them: step 2 would then start from uninitialised memory. A zero buffer gives the
-    same first step as a missing one (buffer = grad, as dampening is 0).
+    same first step as a missing one (buffer = grad, as dampening is 0). Adam's fused kernel
+    creates its state with zeros, and a skipped step leaves it so.
     """
     groups = param_groups(model, config.weight_decay, config.decay_norm_and_bias)
-    options = dict(lr=config.peak_lr, momentum=config.momentum, nesterov=config.momentum > 0)
+    if config.optimizer == "sgd":
+        kind, options = torch.optim.SGD, dict(momentum=config.momentum, nesterov=config.momentum > 0)
+    else:
+        kind = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+        options = dict(betas=(config.momentum, 0.999))
     try:
-        optimizer = torch.optim.SGD(groups, **options, fused=True)
-    except RuntimeError:  # no fused SGD for this device type (or dtype)
-        optimizer = torch.optim.SGD(groups, **options, foreach=True)
-    if config.momentum > 0:
+        optimizer = kind(groups, lr=config.peak_lr, **options, fused=True)
+    except RuntimeError:  # no fused kernel for this device type (or dtype)
+        optimizer = kind(groups, lr=config.peak_lr, **options, foreach=True)
+    if config.optimizer == "sgd" and config.momentum > 0:
         for group in optimizer.param_groups:
             for param in group["params"]:
                 optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)

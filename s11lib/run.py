@@ -45,7 +45,7 @@ from s11lib.distributed import Ranks
 from s11lib.loaders import Loaders, build_loaders
 from s11lib.models import resnet18
 from s11lib.optim import WeightAverage, Warmup, make_optimizer, make_scheduler
-from s11lib.transforms import test_transforms, train_transforms
+from s11lib.transforms import TestTransform, TrainTransform, test_transforms, train_transforms
 from s11lib.utils import atomic
 from s11lib.utils.accuracy import confusion_matrix
 from s11lib.utils.gradcam import GradCAM, overlay, resolve_layer
@@ -139,7 +139,7 @@ def _run(config: Config, ranks: Ranks, device: torch.device) -> RunResult | None
     seed_everything(config.seed)  # the same seed on every rank: the same model and the same draws
     model = model_of(config)
     resolve_layer(model, config.gradcam_layer)  # an unknown layer fails now, not after 40 epochs
-    train_tf, test_tf = train_transforms(), test_transforms()
+    train_tf, test_tf = transforms_of(config)
     with distributed.local_main_first(ranks):  # one download per machine
         data = loaders_of(config, device, train_tf, test_tf)
     if ranks.distributed and len(data.train) * config.batch_size > data.train.num_images:
@@ -179,8 +179,9 @@ def _run(config: Config, ranks: Ranks, device: torch.device) -> RunResult | None
         print(f"data: {data.train.num_images} training, {held_out}, {data.test.num_images} test images")
         print(f"train transforms: {train_tf}")
         warmup = Warmup.of(config, len(data.train))
-        print(f"SGD: peak lr {config.peak_lr:.4g} (lr {config.lr:g} x batch {config.batch_size} "
-              f"/ {LR_REFERENCE_BATCH}), "
+        scaled = f" (lr {config.lr:g} x batch {config.batch_size} / {LR_REFERENCE_BATCH})" \
+            if config.optimizer == "sgd" else ""
+        print(f"{_OPTIMIZER_NAMES[config.optimizer]}: peak lr {config.peak_lr:.4g}{scaled}, "
               f"warm-up {warmup.steps} steps, then ReduceLROnPlateau on {_watched(config, data)}")
         sys.stdout.flush()  # before the progress bars on stderr: a notebook then shows the two in order
         # The checkpoints are written while the next epoch trains; leaving the block waits for the
@@ -204,6 +205,12 @@ def _run(config: Config, ranks: Ranks, device: torch.device) -> RunResult | None
 def model_of(config: Config) -> nn.Module:
     """The ResNet18 a run of `config` trains, freshly initialised (seed first: seed_everything)."""
     return resnet18(NUM_CLASSES, width=config.width, zero_init_residual=config.zero_init_residual, init=config.init)
+
+
+def transforms_of(config: Config) -> tuple[TrainTransform, TestTransform]:
+    """The training augmentations (how often each is applied: the config's) and the test transform."""
+    return (train_transforms(crop_prob=config.crop_prob, rotate_prob=config.rotate_prob,
+                             cutout_prob=config.cutout_prob), test_transforms())
 
 
 def loaders_of(config: Config, device: torch.device, train_tf, test_tf) -> Loaders:
@@ -460,6 +467,7 @@ def _parse_value(text: str, annotation: str):
     return text
 
 
+_OPTIMIZER_NAMES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
 _METAVARS = {"int": "N", "int | None": "N|none", "float": "X", "bool": "true|false"}
 
 

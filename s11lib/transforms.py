@@ -129,6 +129,10 @@ class TrainTransform:
         cutout_size: side of the square hole, in pixels.
         mean, std: per-channel normalisation.
         interpolation: grid_sample mode of the rotation, "bilinear" or "nearest".
+        crop_prob, rotate_prob, cutout_prob: how often each augmentation is applied, each image
+            drawn on its own; an image spared one gets its identity parameters (the centred
+            window, angle 0, a hole wholly outside the image). At 1 (the default) nothing more is
+            drawn, so the draws are the same as before these options.
     """
 
     def __init__(
@@ -139,7 +143,14 @@ class TrainTransform:
         mean=MEAN,
         std=STD,
         interpolation: str = "bilinear",
+        crop_prob: float = 1.0,
+        rotate_prob: float = 1.0,
+        cutout_prob: float = 1.0,
     ):
+        for name, prob in (("crop_prob", crop_prob), ("rotate_prob", rotate_prob), ("cutout_prob", cutout_prob)):
+            if not 0 <= prob <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {prob}")
+        self.probs = (crop_prob, rotate_prob, cutout_prob)
         self.padding = padding
         self.max_angle = max_angle
         self.cutout_size = cutout_size
@@ -163,7 +174,20 @@ class TrainTransform:
         angles = (2 * unit - 1) * self.max_angle
         rows = torch.randint(0, h, (n, 1), device=dev, generator=generator)
         cols = torch.randint(0, w, (n, 1), device=dev, generator=generator)
-        return AugmentParams(offsets, angles, torch.cat([rows, cols], 1))
+        centers = torch.cat([rows, cols], 1)
+        crop_prob, rotate_prob, cutout_prob = self.probs
+        if crop_prob < 1:
+            offsets = offsets.where(self._applied(n, crop_prob, dev, generator)[:, None], self.padding)
+        if rotate_prob < 1:
+            angles = angles.where(self._applied(n, rotate_prob, dev, generator), 0.0)
+        if cutout_prob < 1:
+            centers = centers.where(self._applied(n, cutout_prob, dev, generator)[:, None], -self.cutout_size)
+        return AugmentParams(offsets, angles, centers)
+
+    @staticmethod
+    def _applied(n: int, prob: float, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+        """(n,) bool: which images get an augmentation applied with probability `prob`."""
+        return torch.rand(n, device=device, generator=generator) < prob
 
     def apply(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         """Apply given parameters: crop, rotate, normalise, cut out."""
@@ -177,9 +201,10 @@ class TrainTransform:
         return self.apply(images, self.sample(images, generator))
 
     def __repr__(self) -> str:
+        crop, rot, cut = (f", p={p:g}" if p < 1 else "" for p in self.probs)
         return (
-            f"TrainTransform(RandomCrop(padding={self.padding}), Rotate(+-{self.max_angle} deg, "
-            f"{self.interpolation}), Normalize, CutOut({self.cutout_size}x{self.cutout_size}))"
+            f"TrainTransform(RandomCrop(padding={self.padding}{crop}), Rotate(+-{self.max_angle} deg, "
+            f"{self.interpolation}{rot}), Normalize, CutOut({self.cutout_size}x{self.cutout_size}{cut}))"
         )
 
 

@@ -192,16 +192,16 @@ def learned_run(data_dir, is_real_data, tmp_path_factory):
 
     The shipped recipe on a narrow ResNet18 (width 16): on the real data 256 SGD steps at batch 64
     on 4,096 images (~20 s on 2 cores); on the synthetic set, which the recipe learns perfectly in
-    3 epochs, 14 steps at batch 128 on 1,000 (about 70% right: mistakes left to browse), at lr 0.8,
-    the rate that shipped before the reference run's divergence: at today's 0.4 those 14 steps
-    (all inside the warm-up) leave a model whose Grad-CAM no longer passes the sanity check that
+    3 epochs, 14 steps at batch 128 on 1,000 (about 70% right: mistakes left to browse), inside a
+    100-step warm-up to lr 0.8 (the defaults of 2026-11-30): at the shipped constant rate those 14
+    steps leave a model whose Grad-CAM no longer passes the sanity check that
     tests/test_cam_checks.py expects of a trained one.
     """
     from s11lib.config import Config
     from s11lib.run import run
 
     shape = (dict(epochs=4, batch_size=64, train_subset=4096, test_subset=500) if is_real_data else
-             dict(epochs=2, batch_size=128, train_subset=1000, test_subset=200, lr=0.8))
+             dict(epochs=2, batch_size=128, train_subset=1000, test_subset=200, lr=0.8, warmup_epochs=2))
     config = Config(device="cpu", data_dir=str(data_dir), out_dir=str(tmp_path_factory.mktemp("learned")),
                     download=False, width=16, val_size=0, progress=False, num_misclassified=5, **shape)
     return run(config)

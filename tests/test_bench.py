@@ -68,11 +68,13 @@ def test_a_candidate_is_a_named_recipe_with_fields_changed():
 
 
 def test_the_shipped_defaults_are_the_recipe_the_study_chose():
-    # docs/recipe.md chose "base+lr=0.8" on the proxies; the reference run's divergence at it
-    # (results/cpu-reference/diverged-016e480/) moved the default to the study's named fallback,
-    # "base+lr=0.4". A default changed without the study shows up here.
+    # docs/recipe.md chose "full-scale" on the full-width probes of issue 37 (the proxies' choice,
+    # "base+lr=0.4", ended at 82.51% in the first 40-epoch run). A default changed without the
+    # study shows up here.
     recipe = _load("recipe")
-    assert recipe.recipe_of("shipped") == recipe.recipe_of("base+lr=0.4")
+    assert recipe.recipe_of("shipped") == recipe.recipe_of("full-scale")
+    from s11lib.config import Config
+    assert Config().batch_size == recipe.PROXY_SHAPES["full-half"]["batch_size"]  # the probes' batch
 
 
 def test_spikes_are_steps_well_above_the_recent_median():

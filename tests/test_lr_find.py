@@ -106,14 +106,17 @@ def test_bad_options_are_one_line_and_write_nothing(options, message, data_dir, 
     assert not plot.exists()
 
 
-def test_the_command_prints_the_suggestion_per_batch_and_per_512(data_dir, tmp_path, capsys):
+@pytest.mark.parametrize("optimizer, scale", [("sgd", 512 / 64), ("adam", 1.0)])
+def test_the_command_prints_the_suggestion_per_step_and_as_the_runs_lr(data_dir, tmp_path, capsys, optimizer, scale):
+    # SGD's lr is per 512 images, Adam's the rate itself at any batch size.
     plot = tmp_path / "p.png"
     options = [a for k, v in NARROW.items() for a in (f"--{k.replace('_', '-')}", str(v))]
-    assert finder.main(["--data-dir", str(data_dir), *options, "--steps", "20", "--plot", str(plot)]) == 0
+    assert finder.main(["--data-dir", str(data_dir), *options, "--optimizer", optimizer, "--steps", "20",
+                        "--plot", str(plot)]) == 0
     out = capsys.readouterr().out.splitlines()
-    rate, per_512 = out[-1].split("suggested rate: ")[1].split(" at batch 64 (lr=")
-    assert float(per_512.split(",")[0]) == pytest.approx(float(rate) * 512 / 64, rel=1e-2)  # 3 digits each
-    assert plot.is_file()
+    rate, as_lr = out[-1].split("suggested rate: ")[1].split(" at batch 64 (lr=")
+    assert float(as_lr.split(" ")[0].rstrip(",")) == pytest.approx(float(rate) * scale, rel=1e-2)  # 3 digits each
+    assert ("per 512" in as_lr) == (optimizer == "sgd") and plot.is_file()
 
 
 def test_the_notebook_runs_under_papermill_and_shows_the_picture(data_dir, tmp_path):

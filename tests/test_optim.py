@@ -230,3 +230,31 @@ def test_momentum_follows_the_parameters_memory_layout_on_resume():
     for (name, p), q in zip(nhwc.named_parameters(), uninterrupted.parameters()):
         # fp16 gradients of the two layouts differ by ~2e-5; buffers in the wrong layout gave 7e-3.
         torch.testing.assert_close(p, q, rtol=0, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("name, kind", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+def test_adam_and_adamw_step_as_torch_does_at_their_own_rate(name, kind):
+    # Adam's rate is not scaled with the batch (SGD's is); momentum is its first beta; the decay
+    # groups are SGD's; the step is torch's own unfused one, value for value.
+    config = Config(optimizer=name, lr=1e-3, momentum=0.8, weight_decay=1e-2, batch_size=128)
+    assert config.peak_lr == 1e-3 and Config(lr=0.4, batch_size=128).peak_lr == pytest.approx(0.1)
+    torch.manual_seed(0)
+    model = resnet18(width=4)
+    reference = copy.deepcopy(model)
+    optimizer = make_optimizer(model, config, CPU)
+    assert type(optimizer) is kind and optimizer.defaults["fused"]
+    assert optimizer.defaults["betas"] == (0.8, 0.999) and optimizer.defaults["lr"] == 1e-3
+    plain = kind(param_groups(reference, 1e-2), lr=1e-3, betas=(0.8, 0.999), foreach=False)
+    x, y = _batch(0)
+    for _ in range(3):
+        for m, opt in ((model, optimizer), (reference, plain)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+    for (name_, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name_)
+
+
+def test_an_unknown_optimizer_is_a_one_line_error():
+    with pytest.raises(ValueError, match=r"optimizer must be one of \('sgd', 'adam', 'adamw'\), got 'lamb'"):
+        Config(optimizer="lamb")

@@ -212,11 +212,11 @@ def test_warmup_ramps_the_lr_per_step_to_the_peak(data_dir, tmp_path, monkeypatc
 
 
 def test_a_short_run_never_reaches_the_peak_in_a_handful_of_steps(data_dir, tmp_path, monkeypatch):
-    # The shipped warm-up (2 epochs, at least 100 steps), on 2 epochs of 2 steps: the epochs alone
-    # would ramp over 4 steps; the floor keeps the ramp at 100, every step a little higher.
+    # A warm-up of 2 epochs with the shipped floor of 100 steps, on 2 epochs of 2 steps: the epochs
+    # alone would ramp over 4 steps; the floor keeps the ramp at 100, every step a little higher.
     lrs = _record_step_lrs(monkeypatch)
-    config = _quick(data_dir, tmp_path, epochs=2, lr=0.1, plateau_patience=0)
-    assert (config.warmup_epochs, config.warmup_min_steps) == (2, 100)
+    config = _quick(data_dir, tmp_path, epochs=2, lr=0.1, plateau_patience=0, warmup_epochs=2)
+    assert config.warmup_min_steps == 100
     run(config)
     assert [group[0] for group in lrs] == pytest.approx([config.peak_lr * k / 100 for k in (1, 2, 3, 4)])
     # The plateau scheduler is not stepped while the warm-up lasts, even with patience 0.

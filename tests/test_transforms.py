@@ -164,3 +164,44 @@ def test_cutout_centres_are_uniform_over_the_image(many):
     # Rows and columns are drawn independently.
     rows, cols = many.cutout_centers.double().T
     assert abs(torch.corrcoef(torch.stack([rows, cols]))[0, 1]) < 0.02
+
+
+def test_an_augmentation_spared_leaves_the_image_as_torchvision_without_it(images):
+    # Probability 0: the identity parameters, and the output is the others' composition alone.
+    spared = train_transforms(crop_prob=0, rotate_prob=0, cutout_prob=0)
+    params = spared.sample(images, torch.Generator().manual_seed(1))
+    assert (params.crop_offsets == 4).all() and (params.angles == 0).all()
+    torch.testing.assert_close(spared.apply(images, params), normalize(images), atol=BILINEAR_ATOL, rtol=0)
+    # At 1 the draws are the very ones made before the options existed (no extra random numbers).
+    always = train_transforms(crop_prob=1, rotate_prob=1, cutout_prob=1)
+    first = always.sample(images, torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(dataclasses.astuple(first),
+                                                   dataclasses.astuple(train_transforms().sample(
+                                                       images, torch.Generator().manual_seed(1)))))
+
+
+@pytest.mark.parametrize("which", ["crop_prob", "rotate_prob", "cutout_prob"])
+def test_each_augmentation_is_applied_with_its_probability(which):
+    # 0.3 of the images, within 5 binomial standard deviations, the others untouched by it;
+    # the two other augmentations still apply to every image.
+    p = train_transforms(**{which: 0.3}).sample(torch.empty(N, 3, 32, 32), torch.Generator().manual_seed(7))
+    applied = {"crop_prob": (p.crop_offsets != 4).any(1), "rotate_prob": p.angles != 0,
+               "cutout_prob": (p.cutout_centers >= 0).all(1)}
+    rate = applied[which].double().mean().item()
+    expected = {"crop_prob": 0.3 * (1 - 1 / 81), "rotate_prob": 0.3, "cutout_prob": 0.3}[which]  # 1/81: the centre
+    assert abs(rate - expected) < 5 * (expected * (1 - expected) / N) ** 0.5, rate
+    for other, mask in applied.items():
+        if other != which:
+            assert mask.double().mean() > 0.95, other
+    image = torch.rand(1, 3, 32, 32)
+    spared_cutout = train_transforms(cutout_prob=0).apply(image, dataclasses.replace(
+        p[:1], cutout_centers=torch.full((1, 2), -16)))
+    assert not (spared_cutout == 0).all(1).any()  # no hole anywhere
+
+
+def test_a_probability_outside_zero_to_one_is_a_one_line_error():
+    with pytest.raises(ValueError, match=r"^cutout_prob must be in \[0, 1\], got 1.5$"):
+        train_transforms(cutout_prob=1.5)
+    from s11lib.config import Config
+    with pytest.raises(ValueError, match=r"^rotate_prob must be in \[0, 1\], got -0.1$"):
+        Config(rotate_prob=-0.1)
