@@ -12,7 +12,8 @@ the run's explanation missing), and checks before it copies anything:
 * every image in misclassified.json is one that test_predictions.npy gets wrong, as it says.
 
 Into RESULTS it copies metrics.csv, config.json, run.json (when the run has one),
-misclassified.json, gradcam.npz, test_predictions.npy and the log, and writes `epochs-log.txt`:
+misclassified.json, gradcam.npz, test_predictions.npy, cam_checks.json (the heatmap checks'
+figures, when explore.ipynb has written them) and the log, and writes `epochs-log.txt`:
 metrics.csv in the assignment's per-epoch format (`s11lib.utils.summary.assignment_log`). No
 checkpoints. With --images it copies the run's own four pictures and executes
 notebooks/explore.ipynb on the run with papermill (into the run folder, as explore.ipynb), saving
@@ -53,7 +54,7 @@ from s11lib.utils.summary import assignment_log, epoch_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_FILES = ("metrics.csv", "config.json", "misclassified.json", "gradcam.npz", "test_predictions.npy")
-OPTIONAL_FILES = ("run.json",)
+OPTIONAL_FILES = ("run.json", "cam_checks.json")  # cam_checks.json: explore.ipynb's, with --images
 RUN_PICTURES = ("misclassified.png", "gradcam.png", "curves.png", "confusion.png")
 # explore.ipynb's pictures: the code cell that calls the first, and the names of the PNGs it shows, in order.
 NOTEBOOK_PICTURES = (("plot_reliability(", ("reliability.png",)),

@@ -141,6 +141,8 @@ def test_the_real_notebooks_give_every_picture_and_train_ipynb_is_stored_with_th
                             "neighbours.png", "cam-sanity.png", "cam-sanity-maps.png", "cam-deletion-insertion.png"])
     assert all((tmp_path / "images" / name).read_bytes().startswith(b"\x89PNG") for name in names)
     assert (run_copy / "explore.ipynb").is_file() and any("explore.ipynb" in line for line in said)
+    # The heatmap checks' figures that explore.ipynb wrote go into the results beside the run's files.
+    assert (tmp_path / "results" / "cam_checks.json").read_bytes() == (run_copy / "cam_checks.json").read_bytes()
 
     # train.ipynb ran on the finished run without training it: the same epochs, predictions and settings.
     assert read_metrics(run_copy / "metrics.csv") == read_metrics(learned_run.out_dir / "metrics.csv")
