@@ -5,7 +5,7 @@
 Each configuration is bench/gpu_report.py's Bench (s11lib's augmentations, train_epoch, fused SGD)
 at fp32, the CPU's precision: one warm-up step (the compile, for the compiled ones), then `repeats`
 timed runs of `steps` steps. Prints seconds per step and the speed-up over eager contiguous. This
-is how the reference run's --compile true was chosen (results/cpu-reference/README.md).
+is how the reference run's --compile true was chosen (results/cpu-reference-v1/README.md).
 """
 from __future__ import annotations
 

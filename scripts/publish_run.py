@@ -1,8 +1,8 @@
 """Put a finished run into the repository: its small files into a results folder, checked, and
 (with --images) the README's pictures of it into images/, (with --notebook) train.ipynb with its outputs.
 
-    .venv/bin/python scripts/publish_run.py ~/s11-reference/run results/cpu-reference \
-        --data-dir ../shared/datasets/cifar10 --log ~/s11-reference/run.log --images images \
+    .venv/bin/python scripts/publish_run.py runs/reference/run results/cpu-reference \
+        --data-dir ../shared/datasets/cifar10 --log runs/reference/run.log --images images \
         --notebook notebooks/train.ipynb
 
 It refuses a run that has not finished (metrics.csv short of config.json's epochs, or a file of

@@ -87,7 +87,7 @@ def test_a_run_without_its_pictures_is_refused_before_anything_is_written_when_t
 
 
 def test_the_assignment_log_gives_back_the_runs_own_test_line():
-    """Epoch 5 of the CPU reference run: the line its log printed (results/cpu-reference/run-log-epochs.txt)."""
+    """Epoch 5 of the CPU reference run: the line its log printed (results/cpu-reference-v1/run-log-epochs.txt)."""
     row = dict(epoch=5, lr=0.4, train_loss=1.747051, train_acc=36.7345, test_loss=1.568637, test_acc=42.94,
                seconds=614.159)
     assert assignment_log([row], 10000).splitlines() == [

@@ -250,7 +250,7 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(data_dir, tmp_path, monk
 
 
 def test_a_finite_blow_up_stops_the_run_and_keeps_the_last_good_epoch(data_dir, tmp_path, monkeypatch):
-    """The reference run's failure (results/cpu-reference/diverged-016e480/): the weights grew by
+    """The reference run's failure (results/cpu-reference-v1/diverged-016e480/): the weights grew by
     orders of magnitude and the loss reached 5e5 but stayed finite. The run must stop the way a NaN
     stops it, before the epoch's checkpoint, and resume from the epoch before."""
     run(_config(data_dir, tmp_path, epochs=2))

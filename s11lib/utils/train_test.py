@@ -32,7 +32,7 @@ class NonFiniteLossError(DivergedError):
 # 2.30 for CIFAR-10) has diverged. An untrained network sits near 1 times; in docs/recipe.md the
 # steepest early climb that a run came back from peaked at 5.4 times in one step (12.45), and the
 # worst epoch of the old defaults, 6 times (a loss of 14). The reference run that blew up at a
-# finite loss (results/cpu-reference/diverged-016e480/) reached 237,000 times its epoch.
+# finite loss (results/cpu-reference-v1/diverged-016e480/) reached 237,000 times its epoch.
 DIVERGED_FACTOR = 10.0
 
 
