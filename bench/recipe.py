@@ -64,8 +64,8 @@ COLLAPSE_ACC, COLLAPSE_SHARE = 15.0, 0.6
 
 # The recipe fields a candidate may set; everything else (data, width, epochs, batch) is the proxy's.
 RECIPE_FIELDS = ("optimizer", "lr", "momentum", "weight_decay", "decay_norm_and_bias", "label_smoothing", "crop_prob",
-                 "rotate_prob", "cutout_prob", "warmup_epochs", "warmup_min_steps", "plateau_metric", "plateau_factor", "plateau_patience", "plateau_threshold",
-                 "min_lr", "zero_init_residual", "init", "ema_decay")
+                 "rotate_prob", "cutout_prob", "warmup_epochs", "warmup_min_steps", "plateau_metric", "plateau_factor",
+                 "plateau_patience", "plateau_threshold", "min_lr", "zero_init_residual", "init", "ema_decay")
 
 # Config fields added after the first records: what those runs trained with.
 ADDED_FIELDS = dict(optimizer="sgd", crop_prob=1.0, rotate_prob=1.0, cutout_prob=1.0)

@@ -180,8 +180,8 @@ def lr_find(config: Config, start_lr: float = 1e-5, end_lr: float = 10.0, steps:
     result = lr_range_test(model, optimizer, data.train, device, start_lr, end_lr, steps, precision.dtype,
                            precision.grad_scaler(device), config.progress)
     if plot is not None:
-        result.plot(plot, title=f"Range test: width {config.width}, batch {config.batch_size}, "
-                                f"{config.optimizer}, momentum {config.momentum}, weight decay {config.weight_decay:g}, {precision.name}")
+        result.plot(plot, title=f"Range test: width {config.width}, batch {config.batch_size}, {config.optimizer}, "
+                                f"momentum {config.momentum}, weight decay {config.weight_decay:g}, {precision.name}")
     return result
 
 

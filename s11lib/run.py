@@ -181,7 +181,7 @@ def _run(config: Config, ranks: Ranks, device: torch.device) -> RunResult | None
         warmup = Warmup.of(config, len(data.train))
         scaled = f" (lr {config.lr:g} x batch {config.batch_size} / {LR_REFERENCE_BATCH})" \
             if config.optimizer == "sgd" else ""
-        print(f"{_OPTIMIZER_NAMES[config.optimizer]}: peak lr {config.peak_lr:.4g}{scaled}, "
+        print(f"{type(optimizer).__name__}: peak lr {config.peak_lr:.4g}{scaled}, "
               f"warm-up {warmup.steps} steps, then ReduceLROnPlateau on {_watched(config, data)}")
         sys.stdout.flush()  # before the progress bars on stderr: a notebook then shows the two in order
         # The checkpoints are written while the next epoch trains; leaving the block waits for the
@@ -467,7 +467,6 @@ def _parse_value(text: str, annotation: str):
     return text
 
 
-_OPTIMIZER_NAMES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
 _METAVARS = {"int": "N", "int | None": "N|none", "float": "X", "bool": "true|false"}
 
 
