@@ -79,7 +79,7 @@ class Config:
     # --- outputs ----------------------------------------------------------------------------
     out_dir: str = "runs/train"  # where metrics, checkpoints and figures go
     resume: bool = True  # out_dir holds last.pt: continue that run; False: start over (its files are replaced)
-    gradcam_layer: str = "layer3"  # 8x8 on a 32x32 input; layer4 is only 4x4 (see README)
+    gradcam_layer: str = "layer3"  # 8x8 on a 32x32 input; layer4 is only 4x4 (docs/training.md)
     num_misclassified: int = 20  # misclassified test images to show (and explain with Grad-CAM)
     progress: bool = True  # a tqdm bar per epoch
 

@@ -54,7 +54,7 @@ from s11lib.utils.train_test import DivergedError, NonFiniteLossError
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "train.ipynb"
 PROG = "bash scripts/train.sh"
 # The kernel reports an exception by its class name. s11lib raises ValueError and its subclasses
-# for every bad input (README, "What happens when things go wrong"), as the CLI assumes too.
+# for every bad input (docs/failures.md), as the CLI assumes too.
 BAD_INPUT = tuple(error.__name__ for error in (ValueError, DatasetError, CheckpointError))
 DIVERGED = (DivergedError.__name__, NonFiniteLossError.__name__)
 # The ipykernel's own log goes to the terminal, not into the notebook: a warning about TCP at every

@@ -482,8 +482,8 @@ def _parser() -> argparse.ArgumentParser:
                            usage="%(prog)s [--NAME VALUE ...]", allow_abbrev=False,  # --epoch is not --epochs
                            epilog="Each option is a parameter of s11lib/config.py; the notebook's papermill "
                                   "parameters have the same names with underscores. Launched by torchrun, the "
-                                  "processes train data-parallel with batch_size as the global batch (README: "
-                                  "Several GPUs).")
+                                  "processes train data-parallel with batch_size as the global batch "
+                                  "(docs/distributed.md).")
     helps = field_help()
     for f in dataclasses.fields(Config):
         parse = functools.partial(_parse_value, annotation=str(f.type))

@@ -1,8 +1,7 @@
 """Every bad input is a one-line error before any training starts, and nothing is written.
 
 One test per case, each through the entry point a user calls (`run`, or the CLI for settings).
-README.md lists the cases under "What happens when things go wrong"; the last test keeps that
-list and this file in step.
+docs/failures.md lists the cases; the last test keeps that list and this file in step.
 """
 import pickle
 import re
@@ -18,7 +17,7 @@ from s11lib.config import Config
 from s11lib.loaders import FOLDER
 from s11lib.run import main, run
 
-README = Path(__file__).parents[1] / "README.md"
+FAILURES = Path(__file__).parents[1] / "docs" / "failures.md"
 
 
 @pytest.fixture(autouse=True)
@@ -232,7 +231,7 @@ def test_subset_larger_than_the_data_set(small_data, out_dir, subset, pattern):
 def test_validation_split_as_large_as_the_training_set(small_data, out_dir, capsys):
     refused(_config(small_data, out_dir, val_size=100),
             r"val_size=100 holds out all of the 100 training images; pass val_size=10 \(a tenth\) or 0")
-    # A subset smaller than the default split (the README's CPU example without --val-size): the
+    # A subset smaller than the default split (the CPU smoke run without --val-size): the
     # error names what to pass, and comes before the data is read.
     refused_by_cli(["--data-dir", str(small_data), "--out-dir", str(out_dir), "--train-subset", "80"],
                    r"val_size=5000 holds out all of the train_subset=80 images; pass val_size=8 \(a tenth\) or 0",
@@ -259,9 +258,9 @@ def test_unknown_device(small_data, out_dir):
     refused(_config(small_data, out_dir, device="tpu"), "unknown device 'tpu'")
 
 
-# --- the README lists every case -------------------------------------------------------------------
-def test_readme_lists_every_case():
-    section = README.read_text().split("## What happens when things go wrong", 1)[1].split("\n## ", 1)[0]
-    cases = sorted({name[len("test_"):] for name in globals() if name.startswith("test_")} - {"readme_lists_every_case"})
-    missing = [case for case in cases if f"`{case}`" not in section]
-    assert not missing, f"README's 'What happens when things go wrong' does not name: {missing}"
+# --- docs/failures.md lists every case ----------------------------------------------------------------
+def test_docs_list_every_case():
+    page = FAILURES.read_text()
+    cases = sorted({name[len("test_"):] for name in globals() if name.startswith("test_")} - {"docs_list_every_case"})
+    missing = [case for case in cases if f"`{case}`" not in page]
+    assert not missing, f"docs/failures.md does not name: {missing}"

@@ -1,5 +1,6 @@
 """Every relative link and #anchor in the repository's Markdown pages resolves (issue 40): README.md,
-docs/, images/README.md and results/*/README.md. Anchors follow GitHub's rules for headings."""
+docs/, images/README.md and results/*/README.md. Anchors follow GitHub's rules for headings. And the
+README stays a front door: short, the two commands near the top, every docs/ page linked."""
 from __future__ import annotations
 
 import re
@@ -92,3 +93,26 @@ def test_a_dead_link_or_anchor_is_found(tmp_path, monkeypatch):
                     "[gone](docs/b.md) [bad anchor](docs/a.md#twice-2) [code heading](docs/a.md#not-a-heading)\n")
     assert dead_links(page) == ["docs/b.md (no docs/b.md)", "docs/a.md#twice-2 (no heading #twice-2 in docs/a.md)",
                                 "docs/a.md#not-a-heading (no heading #not-a-heading in docs/a.md)"]
+
+
+# --- the README as a front door ----------------------------------------------------------------------
+def test_the_readme_is_short_and_starts_with_the_two_commands():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.split()) <= 1500, f"README.md has {len(text.split())} words (wc -w); at most 1,500"
+    top = "\n".join(text.splitlines()[:40])
+    assert "bash scripts/train.sh" in top and "bash scripts/test.sh" in top
+
+
+def test_the_readme_links_every_docs_page():
+    linked = {(ROOT / unquote(t.partition("#")[0])).resolve() for t in links(ROOT / "README.md")}
+    missing = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "docs").glob("*.md")) if p.resolve() not in linked]
+    assert not missing, f"README.md does not link {missing}"
+
+
+def test_ci_finds_the_suites_time_limit_in_the_readme():
+    """.ci/run reads the limit from the README with its own sed line; run that line as it is."""
+    import subprocess
+    (line,) = [l for l in (ROOT / ".ci" / "run").read_text().splitlines() if l.startswith("limit_min=")]
+    found = subprocess.run(["bash", "-c", f"{line}; echo \"$limit_min\""], cwd=ROOT, capture_output=True, text=True,
+                           check=True, timeout=10).stdout.strip()
+    assert found.isdigit() and 5 <= int(found) <= 30, found

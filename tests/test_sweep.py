@@ -95,8 +95,8 @@ def test_a_second_sweep_into_the_same_folder_is_refused(tmp_path, capsys):
     assert list((tmp_path / "sweep").iterdir()) == []
 
 
-def test_the_readme_spec_and_its_errors(tmp_path, capsys, monkeypatch):
-    readme = (ROOT / "README.md").read_text()
+def test_the_documented_specs_and_their_errors(tmp_path, capsys, monkeypatch):
+    readme = (ROOT / "docs" / "sweeps.md").read_text()
     spec = tmp_path / "warmup.yaml"
     blocks = re.findall(r"```yaml\n(.*?)```", readme, re.S)
     assert len(blocks) == 2 and blocks[0].startswith("# warmup.yaml") and blocks[1].startswith("# cpu-warmup.yaml")
@@ -106,7 +106,7 @@ def test_the_readme_spec_and_its_errors(tmp_path, capsys, monkeypatch):
             f"warmup_epochs={w},seed={s}" for w in (0, 2) for s in (1, 2, 3)]
     spec.write_text(blocks[0])
     assert "bash scripts/sweep.sh warmup.yaml --gpus all" in readme and (ROOT / "scripts" / "sweep.sh").is_file()
-    # The README's two examples of a refused spec are what the sweep prints (up to the "...").
+    # The page's two examples of a refused spec are what the sweep prints (up to the "...").
     monkeypatch.chdir(tmp_path)
     text = spec.read_text()
     for edited in (text.replace("seed:", "seeds:"), text.replace("[0, 2]", "[-1, 2]")):

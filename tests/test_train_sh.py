@@ -19,7 +19,10 @@ from s11lib.config import Config, field_help, field_names
 from s11lib.run import _parser
 
 ROOT = Path(__file__).parents[1]
-README = (ROOT / "README.md").read_text()
+# The README and the docs/ pages it links: the commands a user copies from them.
+# A command continued over lines (a trailing backslash) is one command.
+PAGES = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]).replace(
+    "\\\n", " ")
 
 
 class FakePapermill:
@@ -297,27 +300,27 @@ def test_cli_help_says_what_each_option_means():
     assert helps["val_size"].endswith("0 watches the test set instead, as the original assignment did")
 
 
-# --- the README's commands -------------------------------------------------------------------------
-def _readme_commands(prefix: str) -> list[list[str]]:
-    """Each command starting with `prefix` in the README, in a code block or inline code, without
-    its trailing comment."""
-    found = re.findall(re.escape(prefix) + r"[^`\n]*", README)
+# --- the commands of the README and docs/ ---------------------------------------------------------
+def _documented_commands(prefix: str) -> list[list[str]]:
+    """Each command starting with `prefix` in the README or a docs/ page, in a code block or inline
+    code, without its trailing comment."""
+    found = re.findall(re.escape(prefix) + r"[^`\n]*", PAGES)
     return [shlex.split(command.split("  #")[0]) for command in found]
 
 
-def test_readme_commands_have_valid_parameters():
-    """Every `bash scripts/train.sh ...` and `python -m s11lib.run ...` in the README passes the
+def test_documented_commands_have_valid_parameters():
+    """Every `bash scripts/train.sh ...` and `python -m s11lib.run ...` in the README and docs/ pass the
     checks that come before the data (names, types, values, val_size against train_subset)."""
     from papermill.cli import _resolve_type
-    commands = _readme_commands("bash scripts/train.sh")
+    commands = _documented_commands("bash scripts/train.sh")
     assert len(commands) >= 4, commands
     for command in commands:
         args = command[2:]
         assert all(a == "-p" for a in args[::3]), command
         Config.from_dict({name: _resolve_type(value) for name, value in zip(args[1::3], args[2::3])})
-    clis = [c for c in _readme_commands("python -m s11lib.run --") if "--help" not in c]
+    clis = [c for c in _documented_commands("python -m s11lib.run --") if "--help" not in c]
     assert len(clis) >= 2, clis  # the quick one, the CPU run of the heatmap checks
-    launches = _readme_commands("torchrun --")
+    launches = _documented_commands("torchrun --")
     assert len(launches) >= 2, launches  # one machine, several machines
     for options in [*(c[3:] for c in clis), *(c[c.index("s11lib.run") + 1:] for c in launches)]:
         args, extra = _parser().parse_known_args(options)
@@ -328,9 +331,9 @@ def test_readme_commands_have_valid_parameters():
         get_args_parser().parse_args(launch[1:])
 
 
-def test_readme_cpu_smoke_run_is_the_documented_one():
-    # The README quotes its figures; they were measured with exactly this command.
-    (smoke,) = [c for c in _readme_commands("bash scripts/train.sh") if "runs/cpu-smoke" in c]
+def test_cpu_smoke_run_is_the_documented_one():
+    # docs/training.md quotes its figures; they were measured with exactly this command.
+    (smoke,) = [c for c in _documented_commands("bash scripts/train.sh") if "runs/cpu-smoke" in c]
     values = dict(zip(smoke[3::3], smoke[4::3]))
     assert values == {"data_dir": "../shared/datasets/cifar10", "download": "False", "width": "16",
                       "train_subset": "20000", "val_size": "2000", "test_subset": "2000", "epochs": "8",
