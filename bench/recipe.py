@@ -94,6 +94,12 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
     "full-scale": ("the full-scale study's recipe: SGD 0.087 per 512 from the range test, He init, zero-init, "
                    "no warm-up, wd 5e-4 off norms and biases, plateau patience 1",
                    {**RECIPE_BASE, "lr": 0.087, "warmup_epochs": 0, "plateau_patience": 1}),
+    # Issue 37's second choice, on 3 full epochs against "full-scale"'s (docs/recipe.md): Adam at the
+    # course's 1e-3 with L2 1e-4, each augmentation on half the images, the same init and schedule.
+    "full-scale-adam": ("Adam 1e-3 with L2 1e-4, each augmentation on half the images; He init, zero-init, "
+                        "no warm-up, plateau patience 1",
+                        {**RECIPE_BASE, "optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-4, "crop_prob": 0.5,
+                         "rotate_prob": 0.5, "cutout_prob": 0.5, "warmup_epochs": 0, "plateau_patience": 1}),
 }
 
 # The fields of a proxy (its shape); the command line can override each one.

@@ -49,13 +49,13 @@ class Config:
     epochs: int = 40  # passes over the training set
     batch_size: int = 256  # images per step (evaluation uses the same); the assignment log's
     optimizer: str = "adam"  # "sgd" (Nesterov momentum), "adam" (L2 in the gradient) or "adamw" (decoupled decay)
-    lr: float = 1e-3  # peak rate: SGD's for a batch of 512, the run uses lr * batch_size / 512 (peak_lr);
-    #                    Adam's and AdamW's as it is. 0.087: the range test's at full width (docs/recipe.md)
+    lr: float = 1e-3  # peak rate: Adam's and AdamW's as it is; SGD's for a batch of 512, the run uses
+    #                   lr * batch_size / 512 (peak_lr). SGD: 0.087, the range test's at full width (docs/recipe.md)
     momentum: float = 0.9  # SGD's Nesterov momentum; Adam's and AdamW's first beta
     weight_decay: float = 1e-4  # on the convolution and linear weights: L2 (sgd, adam) or decoupled (adamw)
     decay_norm_and_bias: bool = False  # also decay norm scales and shifts and biases (timm and torchvision don't)
     label_smoothing: float = 0.0  # training loss only; reported losses are plain cross-entropy
-    crop_prob: float = 0.5  # how often RandomCrop(32, padding=4) is applied to a training image
+    crop_prob: float = 0.5  # how often RandomCrop(32, padding=4) is applied to a training image (each drawn alone)
     rotate_prob: float = 0.5  # how often the rotation by up to +-5 degrees is
     cutout_prob: float = 0.5  # how often CutOut 16x16 is
     warmup_epochs: int = 0  # linear LR ramp from ~0 to peak_lr, per step; 0: none. ReduceLROnPlateau starts after it

@@ -87,7 +87,8 @@ def test_two_ranks_train_the_model_of_one_process(two_ranks, data_dir, tmp_path)
         torch.testing.assert_close(two["model"][key], weight, rtol=0, atol=1e-4, msg=key)
     torch.manual_seed(SETTINGS.get("seed", 1))  # the run's first draws: its initial weights
     start = run_module.resnet18(10, width=SETTINGS["width"]).state_dict()
-    assert (one["model"]["linear.weight"] - start["linear.weight"]).abs().max() > 1e-2  # it trained
+    # It trained: Adam moves a weight by about lr (1e-3) a step at most, 12 steps here.
+    assert (one["model"]["linear.weight"] - start["linear.weight"]).abs().max() > 5e-3
     # The metrics: summed over the ranks, so the plateau scheduler saw the one-process values and
     # lowered the rate where one process lowers it.
     rows_two, rows_one = (_without_seconds(read_metrics(d / "metrics.csv")) for d in (out_dir, tmp_path))

@@ -1,6 +1,7 @@
 """The learning-rate range test (s11lib/lr_find.py): the rates it sweeps, the model and optimiser
 left as they were, the suggestion inside the range and at the steepest fall, the picture, the stop
 at a blow-up, and one-line errors, on a narrow model and the test data."""
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -41,22 +42,31 @@ def test_the_rates_rise_exponentially_from_start_to_end(swept):
     assert result.lrs[0] == pytest.approx(1e-4) and len(result.lrs) == len(result.losses) <= 30
 
 
-def test_each_step_trains_at_its_rate_and_the_model_and_optimiser_are_left_as_they_were(data_dir):
-    config = Config(data_dir=str(data_dir), **NARROW)
+@pytest.mark.parametrize("optimizer, start, end", [("adam", 1e-5, 1e-3), ("sgd", 1e-3, 1e-1)])
+def test_each_step_trains_at_its_rate_and_the_model_and_optimiser_are_left_as_they_were(data_dir, optimizer, start,
+                                                                                        end):
+    config = Config(data_dir=str(data_dir), optimizer=optimizer, **NARROW)
     data = build_loaders(config.data_dir, config.batch_size, CPU, train_transforms(), test_transforms(), False,
                          config.train_subset, config.test_subset, config.val_size)
     torch.manual_seed(0)
     model = resnet18(width=8)
     optimizer = make_optimizer(model, config, CPU)
+    images, labels = next(iter(data.train))
+    torch.nn.functional.cross_entropy(model(images), labels).backward()
+    optimizer.step()  # a state to keep: SGD's momentum, Adam's moments and step count
+    optimizer.zero_grad(set_to_none=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    buffers = {id(p): optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()}
+    saved = copy.deepcopy(optimizer.state_dict()["state"])
+    assert saved and all(torch.is_tensor(v) for state in saved.values() for v in state.values())
     used = []
     optimizer.register_step_pre_hook(lambda opt, *_: used.append([g["lr"] for g in opt.param_groups]))
-    result = finder.lr_range_test(model, optimizer, data.train, CPU, 1e-3, 1e-1, steps=12, progress=False)
-    assert len(result.lrs) == 12  # no blow-up below 0.1: all of it, over more than one pass of the 9 batches
+    result = finder.lr_range_test(model, optimizer, data.train, CPU, start, end, steps=12, progress=False)
+    assert len(result.lrs) == 12  # no blow-up in the range: all of it, over more than one pass of the 9 batches
     assert used == [[lr] * len(optimizer.param_groups) for lr in result.lrs.tolist()]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert all(torch.equal(optimizer.state[p]["momentum_buffer"], buffers[id(p)]) for p in model.parameters())
+    after = optimizer.state_dict()["state"]
+    assert after.keys() == saved.keys()
+    assert all(torch.equal(after[p][name], value) for p, state in saved.items() for name, value in state.items())
     assert [g["lr"] for g in optimizer.param_groups] == [config.peak_lr] * len(optimizer.param_groups)
     assert model.training
 

@@ -38,7 +38,7 @@ def test_groups_hold_every_parameter_once():
 
 def test_decay_norm_and_bias_puts_everything_in_one_decayed_group():
     model = resnet18(width=8)
-    (group,) = make_optimizer(model, Config(decay_norm_and_bias=True), CPU).param_groups
+    (group,) = make_optimizer(model, Config(decay_norm_and_bias=True, weight_decay=5e-4), CPU).param_groups
     assert _ids(group["params"]) == _ids(model.parameters()) and group["weight_decay"] == 5e-4
 
 
@@ -50,7 +50,7 @@ def test_norms_and_biases_are_not_decayed():
         for p in model.parameters():
             p.add_(0.5)  # no zero parameters, so decay would show everywhere
     before = copy.deepcopy(model)
-    optimizer = make_optimizer(model, Config(lr=0.1, weight_decay=0.1, momentum=0.0, batch_size=512), CPU)
+    optimizer = make_optimizer(model, Config(optimizer="sgd", lr=0.1, weight_decay=0.1, momentum=0.0, batch_size=512), CPU)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     optimizer.step()
@@ -76,7 +76,7 @@ def test_param_groups_skip_frozen_parameters():
     (1, 7, 0, 7),  # no floor: as many steps as the epochs have
 ])
 def test_warmup_length(epochs, steps_per_epoch, floor, expected):
-    config = Config(warmup_epochs=epochs, warmup_min_steps=floor, lr=0.2, batch_size=256)
+    config = Config(optimizer="sgd", warmup_epochs=epochs, warmup_min_steps=floor, lr=0.2, batch_size=256)
     warmup = Warmup.of(config, steps_per_epoch)
     assert warmup.steps == expected and warmup.peak_lr == pytest.approx(0.1)
 
@@ -153,11 +153,11 @@ def _batch(seed: int):
 
 def test_the_optimizer_is_fused_with_zeroed_momentum_from_the_start():
     model = resnet18(width=4)
-    optimizer = make_optimizer(model, Config(), CPU)
+    optimizer = make_optimizer(model, Config(optimizer="sgd"), CPU)
     assert optimizer.defaults["fused"] and optimizer._step_supports_amp_scaling  # the scaler passes it tensors
     params = [p for g in optimizer.param_groups for p in g["params"]]
     assert all(torch.equal(optimizer.state[p]["momentum_buffer"], torch.zeros_like(p)) for p in params)
-    assert not make_optimizer(model, Config(momentum=0.0), CPU).state  # no momentum, no buffers
+    assert not make_optimizer(model, Config(optimizer="sgd", momentum=0.0), CPU).state  # no momentum, no buffers
 
 
 def test_a_first_step_skipped_for_an_overflow_leaves_clean_momentum():
@@ -166,7 +166,7 @@ def test_a_first_step_skipped_for_an_overflow_leaves_clean_momentum():
     torch.manual_seed(0)
     model = resnet18(width=4)
     fresh = copy.deepcopy(model)
-    config = Config(lr=0.4, batch_size=512)
+    config = Config(optimizer="sgd", lr=0.4, batch_size=512)
     optimizer, scaler = make_optimizer(model, config, CPU), torch.amp.GradScaler("cpu")
     _fp16_step(model, optimizer, scaler, *_batch(1), overflow=True)
     assert scaler.get_scale() == 2.0 ** 15  # skipped: the scale halved, the weights did not move
@@ -188,7 +188,7 @@ def _saved_after_one_step(seed: int):
     them), then the same model after a second, uninterrupted step: what a resume must reproduce."""
     torch.manual_seed(0)
     model = resnet18(width=4)
-    config = Config(lr=0.4, batch_size=512)
+    config = Config(optimizer="sgd", lr=0.4, batch_size=512)
     batch = _batch(seed)
     optimizer = make_optimizer(model, config, CPU)
     _fp16_step(model, optimizer, torch.amp.GradScaler("cpu"), *batch)
@@ -237,7 +237,7 @@ def test_adam_and_adamw_step_as_torch_does_at_their_own_rate(name, kind):
     # Adam's rate is not scaled with the batch (SGD's is); momentum is its first beta; the decay
     # groups are SGD's; the step is torch's own unfused one, value for value.
     config = Config(optimizer=name, lr=1e-3, momentum=0.8, weight_decay=1e-2, batch_size=128)
-    assert config.peak_lr == 1e-3 and Config(lr=0.4, batch_size=128).peak_lr == pytest.approx(0.1)
+    assert config.peak_lr == 1e-3 and Config(optimizer="sgd", lr=0.4, batch_size=128).peak_lr == pytest.approx(0.1)
     torch.manual_seed(0)
     model = resnet18(width=4)
     reference = copy.deepcopy(model)

@@ -36,7 +36,7 @@ def _tiny_setup(n=64, batch=16):
 def test_train_epoch_equals_a_plain_loop():
     images, labels, model = _tiny_setup()
     reference = copy.deepcopy(model)
-    config = Config(lr=0.05, weight_decay=5e-4, batch_size=16)
+    config = Config(optimizer="sgd", lr=0.05, weight_decay=5e-4, batch_size=16)
     assert config.peak_lr == pytest.approx(0.05 * 16 / 512)
     loader = DeviceLoader(images, labels, 16, test_transforms())
     result = train_epoch(model, loader, make_optimizer(model, config, torch.device("cpu")), nn.CrossEntropyLoss(),
@@ -224,9 +224,9 @@ def test_a_short_run_never_reaches_the_peak_in_a_handful_of_steps(data_dir, tmp_
 
 
 def test_the_peak_rate_scales_linearly_with_the_batch():
-    assert Config(lr=0.1, batch_size=512).peak_lr == pytest.approx(0.1)
-    assert Config(lr=0.1, batch_size=128).peak_lr == pytest.approx(0.025)
-    assert Config(lr=0.2, batch_size=1024).peak_lr == pytest.approx(0.4)
+    assert Config(optimizer="sgd", lr=0.1, batch_size=512).peak_lr == pytest.approx(0.1)
+    assert Config(optimizer="sgd", lr=0.1, batch_size=128).peak_lr == pytest.approx(0.025)
+    assert Config(optimizer="sgd", lr=0.2, batch_size=1024).peak_lr == pytest.approx(0.4)
 
 
 def test_short_real_run_learns(learned_run, is_real_data):
