@@ -4,6 +4,7 @@ README stays a front door: short, the two commands near the top, every docs/ pag
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -105,13 +106,13 @@ def test_the_readme_is_short_and_starts_with_the_two_commands():
 
 def test_the_readme_links_every_docs_page():
     linked = {(ROOT / unquote(t.partition("#")[0])).resolve() for t in links(ROOT / "README.md")}
-    missing = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "docs").glob("*.md")) if p.resolve() not in linked]
+    pages = sorted((ROOT / "docs").glob("*.md"))
+    missing = [p.relative_to(ROOT).as_posix() for p in pages if p.resolve() not in linked]
     assert not missing, f"README.md does not link {missing}"
 
 
 def test_ci_finds_the_suites_time_limit_in_the_readme():
     """.ci/run reads the limit from the README with its own sed line; run that line as it is."""
-    import subprocess
     (line,) = [l for l in (ROOT / ".ci" / "run").read_text().splitlines() if l.startswith("limit_min=")]
     found = subprocess.run(["bash", "-c", f"{line}; echo \"$limit_min\""], cwd=ROOT, capture_output=True, text=True,
                            check=True, timeout=10).stdout.strip()

@@ -50,7 +50,8 @@ def test_norms_and_biases_are_not_decayed():
         for p in model.parameters():
             p.add_(0.5)  # no zero parameters, so decay would show everywhere
     before = copy.deepcopy(model)
-    optimizer = make_optimizer(model, Config(optimizer="sgd", lr=0.1, weight_decay=0.1, momentum=0.0, batch_size=512), CPU)
+    config = Config(optimizer="sgd", lr=0.1, weight_decay=0.1, momentum=0.0, batch_size=512)
+    optimizer = make_optimizer(model, config, CPU)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     optimizer.step()
